@@ -1,0 +1,1 @@
+"""The FastAPI app: routes, schemas, auth, limits and the web page."""

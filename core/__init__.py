@@ -1,0 +1,1 @@
+"""Small and shared: the settings class and the container that builds components from it."""

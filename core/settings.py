@@ -1,0 +1,60 @@
+"""Every setting of vlsearch, in one place. Environment variables use the prefix VLSEARCH_."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """The user's data folder: $XDG_DATA_HOME/vlsearch, else ~/.local/share/vlsearch."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "vlsearch"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VLSEARCH_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir, description="Where collections live.")
+    collection: str = "default"
+
+    # Contrastive tower. A name open_clip knows (or one registered from models/*.json, or "hf-hub:org/repo"),
+    # and a pretrained tag, "hf-hub:org/repo" or a local checkpoint file. Fetched on first use where the hub is reachable.
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str | None = "laion2b_s34b_b79k"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    text_templates: list[str] = Field(
+        default_factory=lambda: ["a photo of {}.", "a picture of {}.", "an image of {}."],
+        description="Prompt ensemble for short text queries; ['{}'] turns it off.",
+    )
+    template_max_words: int = 4  # queries of at most this many words get the ensemble
+
+    # Store.
+    store: Literal["faiss", "qdrant"] = "faiss"
+    index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"
+
+    # Indexing.
+    batch_size: int = 32
+    decode_workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2)))
+    max_image_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 100_000_000
+
+    # Queries.
+    max_k: int = 1000
+    dupes_threshold: float = 0.95
+
+    @property
+    def collections_dir(self) -> Path:
+        return self.data_dir / "collections"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment (tests build their own Settings instead)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Images in, vectors out: sources, safe decoding, the open_clip encoder and the indexing pipeline."""

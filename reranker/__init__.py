@@ -1,0 +1,1 @@
+"""DeepSeek-VL: relevance scoring (rerank), captions, visual questions and tag verification."""

@@ -1,0 +1,157 @@
+"""The VectorStore contract shared by the FAISS and Qdrant stores, and the value types that cross it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from retriever.errors import EncoderMismatch
+
+Payload = dict[str, Any]
+"""An image's metadata. Keys the pipeline writes: `paths` (list[str], every file with these bytes),
+`width`, `height`, `bytes`, `mtime`, `format`; later `tags` (list[str]) and `captions` ({model: text})."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What built a collection. Queries with another encoder are refused (see `check_encoder`)."""
+
+    encoder: str  # open_clip model name, e.g. "ViT-B-32" or "hf-hub:org/repo"
+    weights: str  # pretrained tag, or "sha256:<hex>" of a checkpoint file, or "untrained"
+    dim: int
+    preprocessing: dict[str, Any] = field(default_factory=dict)  # image_size, mean, std, interpolation, resize_mode
+    store: str = "faiss"
+    index_type: str = "flat"  # flat | hnsw | ivfpq
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        return cls(**json.loads(text))
+
+    def check_encoder(self, encoder: str, weights: str, dim: int) -> None:
+        """Raise EncoderMismatch unless (encoder, weights, dim) is what built this collection."""
+        if (encoder, weights, dim) != (self.encoder, self.weights, self.dim):
+            raise EncoderMismatch(
+                f"collection was built with encoder {self.encoder!r} (weights {self.weights}, dim {self.dim}); "
+                f"this query uses {encoder!r} (weights {weights}, dim {dim}). "
+                "Use the same --model/--pretrained (VLSEARCH_CLIP_MODEL, VLSEARCH_CLIP_PRETRAINED) or re-index."
+            )
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A payload filter; every field set must hold (AND). None/empty means 'no constraint'."""
+
+    path_prefix: str | None = None  # some path of the image starts with this
+    tags_any: tuple[str, ...] = ()  # the image has at least one of these tags
+    tags_all: tuple[str, ...] = ()  # the image has all of these tags
+    min_width: int | None = None
+    max_width: int | None = None
+    min_height: int | None = None
+    max_height: int | None = None
+    min_bytes: int | None = None
+    max_bytes: int | None = None
+
+    def is_empty(self) -> bool:
+        return self == Filter()
+
+    def matches(self, payload: Payload) -> bool:
+        """Reference semantics of every filter field, evaluated in Python on one payload."""
+        if self.path_prefix is not None and not any(
+            str(p).startswith(self.path_prefix) for p in payload.get("paths", [])
+        ):
+            return False
+        tags = set(payload.get("tags", []))
+        if self.tags_any and not tags.intersection(self.tags_any):
+            return False
+        if self.tags_all and not tags.issuperset(self.tags_all):
+            return False
+        for key, low, high in (
+            ("width", self.min_width, self.max_width),
+            ("height", self.min_height, self.max_height),
+            ("bytes", self.min_bytes, self.max_bytes),
+        ):
+            value = payload.get(key)
+            if low is not None and (value is None or value < low):
+                return False
+            if high is not None and (value is None or value > high):
+                return False
+        return True
+
+
+@dataclass
+class Record:
+    """A stored point: id, payload and (when asked for) its vector."""
+
+    id: str
+    payload: Payload
+    vector: np.ndarray | None = None
+
+
+@dataclass
+class Hit:
+    """One search result. `score` is the inner product (cosine) with the query vector."""
+
+    id: str
+    score: float
+    payload: Payload
+    rerank_score: float | None = None
+    final_score: float | None = None
+
+    @property
+    def path(self) -> str | None:
+        paths = self.payload.get("paths") or []
+        return str(paths[0]) if paths else None
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    """One collection of L2-normalised float32 vectors with payloads, addressed by string ids."""
+
+    name: str
+    manifest: Manifest
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload]) -> None:
+        """Insert or overwrite points; vectors has shape (len(ids), manifest.dim)."""
+        ...
+
+    def set_payload(self, id: str, payload: Payload) -> None:
+        """Replace one point's payload, keeping its vector."""
+        ...
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete points; returns how many existed."""
+        ...
+
+    def get(self, ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
+        """The points that exist among ids, in the order asked."""
+        ...
+
+    def count(self, filter: Filter | None = None) -> int: ...
+
+    def scroll(self, filter: Filter | None = None, batch_size: int = 1000, with_vectors: bool = False) -> Iterator[Record]:
+        """Every matching point exactly once, ordered by id."""
+        ...
+
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int,
+        filter: Filter | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[Hit]:
+        """Hits offset..offset+k by descending score (ties by id), restricted by filter and min_score."""
+        ...
+
+    def save(self) -> None:
+        """Make every change so far durable (atomic: a crash leaves the previous state loadable)."""
+        ...
+
+    def close(self) -> None: ...

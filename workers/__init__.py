@@ -1,0 +1,1 @@
+"""The Celery app: queues, tasks and job progress."""
