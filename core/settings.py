@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     collection: str = "default"
 
     # Contrastive tower. A name open_clip knows (or one registered from models/*.json, or "hf-hub:org/repo"),
-    # and a pretrained tag, "hf-hub:org/repo" or a local checkpoint file. Fetched on first use where the hub is reachable.
+    # and a pretrained tag, "hf-hub:org/repo" or a local checkpoint file; fetched on first use where reachable.
     clip_model: str = "ViT-B-32"
     clip_pretrained: str | None = "laion2b_s34b_b79k"
     device: str = "auto"  # auto | cpu | cuda | cuda:N

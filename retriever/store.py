@@ -20,9 +20,12 @@ Payload = dict[str, Any]
 class Manifest:
     """What built a collection. Queries with another encoder are refused (see `check_encoder`)."""
 
-    encoder: str  # open_clip model name, e.g. "ViT-B-32" or "hf-hub:org/repo"
+    encoder: str  # open_clip model name, e.g. "ViT-B-32", "hf-hub:org/repo" or a shipped name like "shapes-clip"
     weights: str  # pretrained tag, or "sha256:<hex>" of a checkpoint file, or "untrained"
     dim: int
+    pretrained: str | None = (
+        None  # how to load the weights again (tag, hf-hub id or file), for queries that name no model
+    )
     preprocessing: dict[str, Any] = field(default_factory=dict)  # image_size, mean, std, interpolation, resize_mode
     store: str = "faiss"
     index_type: str = "flat"  # flat | hnsw | ivfpq
@@ -135,7 +138,9 @@ class VectorStore(Protocol):
 
     def count(self, filter: Filter | None = None) -> int: ...
 
-    def scroll(self, filter: Filter | None = None, batch_size: int = 1000, with_vectors: bool = False) -> Iterator[Record]:
+    def scroll(
+        self, filter: Filter | None = None, batch_size: int = 1000, with_vectors: bool = False
+    ) -> Iterator[Record]:
         """Every matching point exactly once, ordered by id."""
         ...
 

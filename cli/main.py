@@ -1,0 +1,359 @@
+"""The `vlsearch` command: index, search, similar, dupes, info, delete (and, from other modules, more)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from cli.render import hit_rows, print_hits, print_table
+from core.container import Container
+from core.settings import Settings
+from indexer.decode import load_image
+from indexer.errors import VlsearchError
+from indexer.pipeline import detach_path, index_images
+from indexer.sources import IMAGE_EXTENSIONS, iter_sources
+from retriever.dupes import near_duplicate_groups
+from retriever.errors import InvalidQuery
+from retriever.query import Query, search
+from retriever.store import Filter, VectorStore
+
+app = typer.Typer(
+    name="vlsearch",
+    help="Image search: index folders, search by text or image.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+CollectionOpt = Annotated[str | None, typer.Option("--collection", "-c", help="Collection name (VLSEARCH_COLLECTION).")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="open_clip model, hf-hub: id, local-dir: or shipped name.")
+]
+PretrainedOpt = Annotated[
+    str | None, typer.Option("--pretrained", help="Pretrained tag, hf-hub: id or checkpoint file.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+KOpt = Annotated[int, typer.Option("--k", "-k", help="How many results.")]
+OffsetOpt = Annotated[int, typer.Option("--offset", help="Skip this many results (pagination).")]
+MinScoreOpt = Annotated[float | None, typer.Option("--min-score", help="Drop results scoring below this.")]
+PathPrefixOpt = Annotated[str | None, typer.Option("--path-prefix", help="Only images with a path under this.")]
+TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="Only images with any of these tags (repeatable).")]
+AllTagsOpt = Annotated[list[str] | None, typer.Option("--all-tags", help="Only images with all of these tags.")]
+SizeOpt = Annotated[int | None, typer.Option(help="Size bound in pixels or bytes.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(command: F) -> F:
+    """Print a user error on one line and exit 1, instead of a stack trace."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except VlsearchError as error:
+            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def container_for(model: str | None = None, pretrained: str | None = None, **overrides: Any) -> Container:
+    """Settings from the environment, with the command line's choices on top."""
+    update = {key: value for key, value in overrides.items() if value is not None}
+    if model is not None:
+        update["clip_model"] = model
+        update["clip_pretrained"] = pretrained
+    elif pretrained is not None:
+        update["clip_pretrained"] = pretrained
+    return Container(Settings().model_copy(update=update))
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command()
+@reports_errors
+def index(
+    paths: Annotated[list[Path], typer.Argument(help="Folders (recursive) and image files.")],
+    collection: CollectionOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per model forward.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Decoding threads.")] = None,
+    index_type: Annotated[str | None, typer.Option(help="flat | hnsw | ivfpq (new collections).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Index images: new ones are embedded, known ones skipped, duplicates recorded as extra paths."""
+    container = container_for(model, pretrained, index_type=index_type)
+    settings = container.settings
+    missing = [str(p) for p in paths if not p.exists() and not p.is_symlink()]
+    if missing:
+        raise VlsearchError(f"no such file or folder: {', '.join(missing)}")
+    files = list(iter_sources(paths))
+    encoder = container.encoder()
+    store = container.create_or_open_store(collection, encoder)
+    with Progress(
+        TextColumn("indexing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=as_json or not err.is_terminal,
+    ) as progress:
+        task = progress.add_task("index", total=len(files), rate="")
+
+        def advance() -> None:
+            progress.advance(task)
+            speed = progress.tasks[0].speed
+            progress.update(task, rate=f"{speed:.1f} img/s" if speed else "")
+
+        report = index_images(
+            files,
+            encoder,
+            store,
+            batch_size=batch_size or settings.batch_size,
+            workers=workers or settings.decode_workers,
+            limits=container.decode_limits,
+            on_file=advance,
+        )
+    total = store.count()
+    store.close()
+    if as_json:
+        emit_json({**report.to_dict(), "collection": store.name, "count": total})
+        return
+    rate = report.files / report.seconds if report.seconds else 0.0
+    print(
+        f"{report.files} files in {report.seconds:.1f}s ({rate:.1f}/s): {report.added} added, "
+        f"{report.duplicates} duplicates, {report.unchanged} unchanged, {report.removed} removed, "
+        f"{len(report.failed)} failed; collection {store.name!r} holds {total} images"
+    )
+    for failure in report.failed:
+        print(f"  failed: {failure.path}: {failure.error}: {failure.reason}")
+
+
+def make_filter(
+    path_prefix: str | None, tags: list[str] | None, all_tags: list[str] | None, bounds: dict[str, int | None]
+) -> Filter | None:
+    flt = Filter(path_prefix=path_prefix, tags_any=tuple(tags or ()), tags_all=tuple(all_tags or ()), **bounds)
+    return None if flt.is_empty() else flt
+
+
+def _run_query(container: Container, collection: str | None, query: Query, as_json: bool) -> None:
+    store = container.open_store(collection)
+    encoder = container.encoder_for(store)
+    hits = search(store, encoder, query, max_k=container.settings.max_k)
+    store.close()
+    if as_json:
+        emit_json(hit_rows(hits))
+    else:
+        print_hits(hits)
+
+
+def _image_or_id(value: str, container: Container) -> dict[str, Any]:
+    """An existing file is decoded as the query image; anything else is taken as a stored image id."""
+    path = Path(value)
+    if path.exists():
+        return {"image": load_image(path, container.decode_limits).image}
+    if "/" in value or path.suffix.lower() in IMAGE_EXTENSIONS:
+        raise VlsearchError(f"no such image file: {value}")
+    return {"image_id": value}
+
+
+@app.command(name="search")
+@reports_errors
+def search_command(
+    text: Annotated[str | None, typer.Argument(help="What to look for.")] = None,
+    image: Annotated[str | None, typer.Option("--image", help="An image file or stored id to search with.")] = None,
+    negative: Annotated[str | None, typer.Option("--negative", help="Text to steer away from.")] = None,
+    text_weight: Annotated[float, typer.Option(help="Weight of the text when combined with an image.")] = 1.0,
+    image_weight: Annotated[float, typer.Option(help="Weight of the image when combined with text.")] = 1.0,
+    negative_weight: Annotated[float, typer.Option(help="Weight of the negative text.")] = 0.5,
+    k: KOpt = 10,
+    offset: OffsetOpt = 0,
+    min_score: MinScoreOpt = None,
+    path_prefix: PathPrefixOpt = None,
+    tag: TagOpt = None,
+    all_tags: AllTagsOpt = None,
+    min_width: SizeOpt = None,
+    max_width: SizeOpt = None,
+    min_height: SizeOpt = None,
+    max_height: SizeOpt = None,
+    min_bytes: SizeOpt = None,
+    max_bytes: SizeOpt = None,
+    collection: CollectionOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search a collection by text, an image, or both."""
+    container = container_for(model, pretrained)
+    if text is None and image is None:
+        raise InvalidQuery("give a query text, --image, or both")
+    bounds = dict(
+        min_width=min_width,
+        max_width=max_width,
+        min_height=min_height,
+        max_height=max_height,
+        min_bytes=min_bytes,
+        max_bytes=max_bytes,
+    )
+    query = Query(
+        text=text,
+        negative=negative,
+        text_weight=text_weight,
+        image_weight=image_weight,
+        negative_weight=negative_weight,
+        k=k,
+        offset=offset,
+        min_score=min_score,
+        filter=make_filter(path_prefix, tag, all_tags, bounds),
+        **(_image_or_id(image, container) if image else {}),
+    )
+    _run_query(container, collection, query, as_json)
+
+
+@app.command()
+@reports_errors
+def similar(
+    image: Annotated[str, typer.Argument(help="An image file, or the id of a stored image.")],
+    k: KOpt = 10,
+    offset: OffsetOpt = 0,
+    min_score: MinScoreOpt = None,
+    path_prefix: PathPrefixOpt = None,
+    tag: TagOpt = None,
+    collection: CollectionOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Images that look like this one."""
+    container = container_for(model, pretrained)
+    query = Query(
+        k=k,
+        offset=offset,
+        min_score=min_score,
+        filter=make_filter(path_prefix, tag, None, {}),
+        **_image_or_id(image, container),
+    )
+    _run_query(container, collection, query, as_json)
+
+
+@app.command()
+@reports_errors
+def dupes(
+    threshold: Annotated[
+        float | None, typer.Option(help="Similarity at or above which images are near-duplicates.")
+    ] = None,
+    collection: CollectionOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Groups of near-duplicate images (and exact duplicates stored under several paths)."""
+    container = container_for(model, pretrained)
+    store = container.open_store(collection)
+    groups = near_duplicate_groups(store, threshold if threshold is not None else container.settings.dupes_threshold)
+    store.close()
+    rows = [[{"id": r.id, "paths": r.payload.get("paths", [])} for r in group] for group in groups]
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        print("no duplicates")
+    for number, group in enumerate(rows, 1):
+        print(f"group {number}:")
+        for member in group:
+            for path in member["paths"]:
+                print(f"  {member['id']}  {path}")
+
+
+@app.command()
+@reports_errors
+def info(
+    collection: CollectionOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A collection's manifest and counts (or the list of collections when none exists by that name)."""
+    container = container_for(model, pretrained)
+    name = collection or container.settings.collection
+    if collection is None and name not in container.list_collections():
+        data: dict[str, Any] = {
+            "data_dir": str(container.settings.data_dir),
+            "collections": container.list_collections(),
+        }
+    else:
+        store = container.open_store(name)
+        data = {"collection": store.name, "count": store.count(), "manifest": json.loads(store.manifest.to_json())}
+        store.close()
+    if as_json:
+        emit_json(data)
+    else:
+        print_table(data)
+
+
+@app.command()
+@reports_errors
+def delete(
+    targets: Annotated[
+        list[str] | None, typer.Argument(help="Image ids or file paths to remove from the collection.")
+    ] = None,
+    drop: Annotated[bool, typer.Option("--drop", help="Delete the whole collection.")] = False,
+    collection: CollectionOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove images (by id or path) from a collection, or drop the collection with --drop."""
+    container = container_for(model, pretrained)
+    name = collection or container.settings.collection
+    if drop:
+        container.drop_collection(name)
+        result: dict[str, Any] = {"collection": name, "dropped": True}
+    else:
+        if not targets:
+            raise InvalidQuery("give image ids or paths to delete, or --drop for the whole collection")
+        store = container.open_store(name)
+        removed = _delete_targets(store, targets)
+        store.save()
+        result = {"collection": name, "deleted": removed, "count": store.count()}
+        store.close()
+    if as_json:
+        emit_json(result)
+    else:
+        print_table(result)
+
+
+def _delete_targets(store: VectorStore, targets: list[str]) -> int:
+    """Ids are deleted; a path is detached from its image, which goes once no path is left."""
+    by_path: dict[str, str] = {}
+    wanted = {str(Path(t).resolve()) for t in targets}
+    for record in store.scroll():
+        for path in record.payload.get("paths", []):
+            if path in wanted:
+                by_path[path] = record.id
+    removed = store.delete([t for t in targets if t not in by_path and store.get([t])])
+    for path, image_id in by_path.items():
+        removed += int(detach_path(store, image_id, path))
+    return removed
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

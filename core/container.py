@@ -1,0 +1,112 @@
+"""Builds vlsearch's components from Settings: the encoder, the stores; cached, so a process loads each model once."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+from core.settings import Settings
+from indexer.decode import DecodeLimits
+from indexer.encoder import LOCAL_DIR_PREFIX, ClipEncoder, EncoderSpec
+from indexer.errors import VlsearchError
+from models import MODELS_DIR
+from retriever.errors import CollectionNotFound
+from retriever.faiss_store import FaissStore
+from retriever.store import Manifest, VectorStore
+
+# Models shipped in models/, addressable by these names from settings and the CLI.
+SHIPPED_CLIP_MODELS = {"shapes-clip": MODELS_DIR / "shapes-clip"}
+CONFIG_DIRS = (MODELS_DIR / "configs",)
+
+
+def encoder_spec(model: str, pretrained: str | None) -> EncoderSpec:
+    """A shipped name resolves to its directory; anything else goes to open_clip as given."""
+    if model in SHIPPED_CLIP_MODELS:
+        return EncoderSpec(model, None, source=LOCAL_DIR_PREFIX + str(SHIPPED_CLIP_MODELS[model]))
+    return EncoderSpec(model, pretrained)
+
+
+class Container:
+    """One per process (or per test): settings in, ready components out."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._encoders: dict[tuple[str, str | None], ClipEncoder] = {}
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels)
+
+    def encoder(self, model: str | None = None, pretrained: str | None = None) -> ClipEncoder:
+        """The encoder named (default: the settings'), built once per process; load() happens on first use."""
+        if model is None:
+            model, pretrained = self.settings.clip_model, self.settings.clip_pretrained
+        key = (model, pretrained)
+        with self._lock:
+            if key not in self._encoders:
+                self._encoders[key] = ClipEncoder(
+                    encoder_spec(model, pretrained),
+                    device=self.settings.device,
+                    precision=self.settings.precision,
+                    templates=self.settings.text_templates,
+                    template_max_words=self.settings.template_max_words,
+                    config_dirs=CONFIG_DIRS,
+                )
+            return self._encoders[key]
+
+    def model_was_chosen(self) -> bool:
+        """Whether the user named a model (flag or environment) rather than leaving the default."""
+        return bool({"clip_model", "clip_pretrained"} & self.settings.model_fields_set)
+
+    def encoder_for(self, store: VectorStore) -> ClipEncoder:
+        """The encoder for a collection: the user's choice if any (checked later), else the one that built it."""
+        if self.model_was_chosen():
+            return self.encoder()
+        return self.encoder(store.manifest.encoder, store.manifest.pretrained)
+
+    def collection_dir(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise VlsearchError(f"invalid collection name {name!r}: use letters, digits, '-' and '_'")
+        return self.settings.collections_dir / name
+
+    def open_store(self, name: str | None = None) -> VectorStore:
+        """An existing collection; CollectionNotFound names it otherwise."""
+        name = name or self.settings.collection
+        self._check_store_kind()
+        directory = self.collection_dir(name)
+        if not (directory / "manifest.json").exists():
+            raise CollectionNotFound(f"no collection {name!r} in {self.settings.collections_dir} (VLSEARCH_DATA_DIR)")
+        return FaissStore.open(directory)
+
+    def create_or_open_store(self, name: str | None, encoder: ClipEncoder) -> VectorStore:
+        """The collection, created for this encoder if new; an existing one built by another encoder is refused."""
+        name = name or self.settings.collection
+        self._check_store_kind()
+        manifest = Manifest(
+            encoder=encoder.name,
+            weights=encoder.identity,
+            dim=encoder.dim,
+            pretrained=encoder.spec.pretrained,
+            preprocessing=encoder.preprocessing(),
+            store=self.settings.store,
+            index_type=self.settings.index_type,
+        )
+        store = FaissStore.open(self.collection_dir(name), manifest)
+        store.manifest.check_encoder(encoder.name, encoder.identity, encoder.dim)
+        return store
+
+    def list_collections(self) -> list[str]:
+        root = self.settings.collections_dir
+        return sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists()) if root.is_dir() else []
+
+    def drop_collection(self, name: str) -> None:
+        directory = self.collection_dir(name)
+        if not (directory / "manifest.json").exists():
+            raise CollectionNotFound(f"no collection {name!r} in {self.settings.collections_dir} (VLSEARCH_DATA_DIR)")
+        shutil.rmtree(directory)
+
+    def _check_store_kind(self) -> None:
+        if self.settings.store != "faiss":
+            raise VlsearchError(f"store {self.settings.store!r} is not available yet; set VLSEARCH_STORE=faiss")

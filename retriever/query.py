@@ -1,0 +1,172 @@
+"""Queries: text, image (upload or stored id) or both, with negative text -> one vector -> ranked (reranked) hits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from indexer.encoder import ClipEncoder
+from retriever.errors import InvalidQuery
+from retriever.store import Filter, Hit, VectorStore
+
+_T = TypeVar("_T")
+MAX_RERANK_K = 200  # the generative model scores each candidate: bound the cost of one query
+
+
+class Scorer(Protocol):
+    """Anything that scores (query, image) pairs, higher = more relevant (the reranker, or a test's stand-in)."""
+
+    def score(self, query: str, images: Sequence[Image.Image]) -> list[float]: ...
+
+
+class Captioner(Protocol):
+    """Anything that captions images; `identity` keys the caption cache in the payload."""
+
+    @property
+    def identity(self) -> str: ...
+
+    def caption(self, images: Sequence[Image.Image]) -> list[str]: ...
+
+
+ImageLoader = Callable[[Hit], Image.Image]
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str | None = None
+    image: Image.Image | None = None  # a decoded image (file or upload)
+    image_id: str | None = None  # or a stored image, by id
+    text_weight: float = 1.0
+    image_weight: float = 1.0
+    negative: str | None = None  # pushes results away from this text
+    negative_weight: float = 0.5
+    k: int = 10
+    offset: int = 0
+    min_score: float | None = None
+    filter: Filter | None = None
+    rerank: bool = False
+    rerank_k: int = 20
+    fusion_weight: float = 1.0  # 1.0 = order by rerank score alone; 0.0 = by CLIP alone; between: fused
+    captions: bool = False
+
+
+def validate(query: Query, max_k: int) -> None:
+    """Refuse queries that cannot be answered as asked, with a message saying why."""
+    if not query.text and query.image is None and query.image_id is None:
+        raise InvalidQuery("a query needs text, an image or an image id")
+    if not 1 <= query.k <= max_k:
+        raise InvalidQuery(f"k must be between 1 and {max_k}, got {query.k}")
+    if query.offset < 0:
+        raise InvalidQuery(f"offset must be >= 0, got {query.offset}")
+    if query.rerank:
+        if not query.text:
+            raise InvalidQuery("rerank needs query text: the generative model scores (text, image) pairs")
+        if not 1 <= query.rerank_k <= MAX_RERANK_K:
+            raise InvalidQuery(f"rerank_k must be between 1 and {MAX_RERANK_K}, got {query.rerank_k}")
+    if not 0.0 <= query.fusion_weight <= 1.0:
+        raise InvalidQuery(f"fusion_weight must be between 0 and 1, got {query.fusion_weight}")
+
+
+def query_vector(query: Query, encoder: ClipEncoder, store: VectorStore) -> np.ndarray:
+    """The weighted sum of the normalised text and image vectors, minus the negative text's, normalised."""
+    store.manifest.check_encoder(encoder.name, encoder.identity, encoder.dim)
+    parts: list[np.ndarray] = []
+    if query.text:
+        parts.append(query.text_weight * encoder.encode_texts([query.text])[0])
+    if query.image is not None:
+        parts.append(query.image_weight * encoder.encode_pil([query.image])[0])
+    if query.image_id is not None:
+        records = store.get([query.image_id], with_vectors=True)
+        if not records or records[0].vector is None:
+            raise InvalidQuery(f"no image with id {query.image_id!r} in collection {store.name!r}")
+        parts.append(query.image_weight * records[0].vector)
+    if query.negative:
+        parts.append(-query.negative_weight * encoder.encode_texts([query.negative])[0])
+    vector = np.sum(parts, axis=0)
+    norm = float(np.linalg.norm(vector))
+    if norm < 1e-6:
+        raise InvalidQuery("the query's parts cancel out (weights sum to a zero vector)")
+    return (vector / norm).astype(np.float32)
+
+
+def search(
+    store: VectorStore,
+    encoder: ClipEncoder,
+    query: Query,
+    max_k: int = 1000,
+    scorer: Scorer | None = None,
+    captioner: Captioner | None = None,
+    load_hit_image: ImageLoader | None = None,
+) -> list[Hit]:
+    """Hits offset..offset+k: by CLIP score, or among the top rerank_k by the scorer (fused with CLIP if asked)."""
+    validate(query, max_k)
+    vector = query_vector(query, encoder, store)
+    if query.image_id is not None:
+        # "More like this one" should not return the image itself: fetch one more and drop it.
+        hits = store.search(vector, query.offset + query.k + 1, query.filter, query.min_score, 0)
+        hits = [hit for hit in hits if hit.id != query.image_id]
+        if query.rerank:
+            hits = rerank(query.text or "", hits, _require(scorer), _require(load_hit_image), query.fusion_weight)
+        hits = hits[query.offset : query.offset + query.k]
+    elif not query.rerank:
+        hits = store.search(vector, query.k, query.filter, query.min_score, query.offset)
+    else:
+        window = max(query.rerank_k, query.offset + query.k)
+        candidates = store.search(vector, window, query.filter, query.min_score, 0)
+        hits = rerank(query.text or "", candidates, _require(scorer), _require(load_hit_image), query.fusion_weight)
+        hits = hits[query.offset : query.offset + query.k]
+    if query.captions:
+        add_captions(store, hits, _require(captioner), _require(load_hit_image))
+    return hits
+
+
+def _require(component: _T | None) -> _T:
+    if component is None:
+        raise InvalidQuery("rerank or captions were asked for but no generative model is configured")
+    return component
+
+
+def rerank(text: str, hits: list[Hit], scorer: Scorer, load_hit_image: ImageLoader, fusion_weight: float) -> list[Hit]:
+    """Score every hit with the scorer (one batched call) and order by the fused score."""
+    if not hits:
+        return []
+    rerank_scores = scorer.score(text, [load_hit_image(hit) for hit in hits])
+    fused = fuse_scores([hit.score for hit in hits], rerank_scores, fusion_weight)
+    ranked = [
+        replace(hit, rerank_score=float(r), final_score=float(f))
+        for hit, r, f in zip(hits, rerank_scores, fused, strict=True)
+    ]
+    return sorted(ranked, key=lambda hit: (-(hit.final_score or 0.0), hit.id))
+
+
+def fuse_scores(clip: Sequence[float], rerank: Sequence[float], weight: float) -> list[float]:
+    """weight·z(rerank) + (1−weight)·z(clip), z-scored within the candidates; weight 1 keeps the raw rerank score.
+
+    The two scores live on different scales (a probability or a log-likelihood against a cosine), so fusion compares
+    standardised scores; at weight 1 the rerank score is returned unchanged so that it stays interpretable.
+    """
+    if weight >= 1.0:
+        return [float(r) for r in rerank]
+    return list(weight * _zscore(rerank) + (1.0 - weight) * _zscore(clip))
+
+
+def _zscore(values: Sequence[float]) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    spread = array.std()
+    return (array - array.mean()) / spread if spread > 0 else np.zeros_like(array)
+
+
+def add_captions(store: VectorStore, hits: list[Hit], captioner: Captioner, load_hit_image: ImageLoader) -> None:
+    """Fill payload["captions"][model identity] for hits that lack it (one batched call), caching it in the store."""
+    key = captioner.identity
+    missing = [hit for hit in hits if key not in (hit.payload.get("captions") or {})]
+    if missing:
+        captions = captioner.caption([load_hit_image(hit) for hit in missing])
+        for hit, caption in zip(missing, captions, strict=True):
+            hit.payload = {**hit.payload, "captions": {**(hit.payload.get("captions") or {}), key: caption}}
+            store.set_payload(hit.id, hit.payload)
+        store.save()
