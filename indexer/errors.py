@@ -30,5 +30,9 @@ class ImageTooLarge(DecodeError):
     """Over the byte or pixel limit (decompression bombs are refused before decoding)."""
 
 
+class UnreadableFile(DecodeError):
+    """The file could not be read: missing, permission denied, a symbolic link loop, an I/O error."""
+
+
 class WeightsUnavailable(VlsearchError):
     """Model weights could not be found or fetched; the message names the setting to change."""
