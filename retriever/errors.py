@@ -15,3 +15,11 @@ class EncoderMismatch(VlsearchError):
 
 class InvalidQuery(VlsearchError):
     """A query that cannot be answered as asked (no text and no image, k out of range, ...)."""
+
+
+class InvalidStoreSettings(VlsearchError):
+    """A store setting (index type, HNSW/IVF-PQ parameter) that cannot work with this collection."""
+
+
+class CollectionCorrupt(VlsearchError):
+    """A collection's files exist but cannot be read (damaged manifest)."""

@@ -1,0 +1,830 @@
+"""The embedded vector store: payloads and vectors in SQLite (the truth), a FAISS index beside them (a cache).
+
+Files in a collection's directory:
+  manifest.json    what built the collection; written atomically, last, when it is created
+  payloads.sqlite  points, payloads, vectors and a generation counter (see retriever/payload_db.py)
+  index.faiss      the FAISS index, replaced atomically by `save()`
+  index.json       the generation the index reflects, written atomically after index.faiss
+
+Crash safety: every write commits to SQLite first and then updates the in-memory index. FAISS ids (fids) are
+never reused, so on open any index file, whatever its age, is brought up to date by set differences of fids
+with SQLite (add what is missing, drop what was deleted); an unreadable index is rebuilt from SQLite. The same
+catch-up runs before a search when another process has committed (the generation moved), so an API process
+sees what a worker process indexes; one writer at a time is still the intended use.
+
+Deletes: the flat and IVF-PQ indexes remove ids in place; HNSW cannot, so deleted fids become tombstones
+that an IDSelector excludes at search, and the graph is rebuilt from SQLite once they pass a fifth of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import faiss
+import numpy as np
+
+from retriever.errors import (
+    CollectionCorrupt,
+    CollectionNotFound,
+    EncoderMismatch,
+    InvalidQuery,
+    InvalidStoreSettings,
+)
+from retriever.payload_db import PayloadDB, VectorChanges
+from retriever.store import Filter, Hit, Manifest, Payload, Record
+
+MANIFEST_FILE = "manifest.json"
+PAYLOADS_FILE = "payloads.sqlite"
+INDEX_FILE = "index.faiss"
+INDEX_META_FILE = "index.json"
+INDEX_TYPES = ("flat", "hnsw", "ivfpq")
+
+HNSW_REBUILD_FRACTION = 0.2  # rebuild the graph when this share of its nodes are tombstones
+IVF_RETRAIN_GROWTH = 4  # retrain IVF-PQ when the collection is this many times what it was trained on
+IVF_TRAIN_SAMPLE = 65536  # k-means cost grows with the sample; this many points fit nlist <= 1600 well
+# IVF-PQ candidates re-scored exactly; pages stay stable while offset + k <= RESCORE_POOL // 4
+RESCORE_POOL = 256
+# Filters matching at most EXACT_SEARCH_ROWS points, or EXACT_SEARCH_SHARE of them, are answered by an exact
+# scan on approximate indexes: graph search through a sparse selection loses recall; few rows scan fast.
+EXACT_SEARCH_ROWS = 4096
+EXACT_SEARCH_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """Build and search parameters of the FAISS index; build parameters apply when an index is (re)built."""
+
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    ivf_nlist: int | None = None  # None: about 4 * sqrt(n) at training time
+    ivf_nprobe: int = 16
+    pq_m: int = 32
+
+    def check(self, manifest: Manifest) -> None:
+        """Raise InvalidStoreSettings for parameters that cannot build manifest's index."""
+        if manifest.index_type not in INDEX_TYPES:
+            raise InvalidStoreSettings(
+                f"index type {manifest.index_type!r} is not one of {', '.join(INDEX_TYPES)}"
+            )
+        if manifest.store != "faiss":
+            raise InvalidStoreSettings(f"manifest store is {manifest.store!r}; the FAISS store needs 'faiss'")
+        if manifest.dim < 1:
+            raise InvalidStoreSettings(f"manifest dim must be positive, got {manifest.dim}")
+        for name in ("hnsw_m", "hnsw_ef_search", "ivf_nprobe", "pq_m"):
+            if getattr(self, name) < 1:
+                raise InvalidStoreSettings(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.ivf_nlist is not None and self.ivf_nlist < 1:
+            raise InvalidStoreSettings(f"ivf_nlist must be at least 1, got {self.ivf_nlist}")
+        if manifest.index_type == "ivfpq" and manifest.dim % self.pq_m:
+            raise InvalidStoreSettings(f"pq_m={self.pq_m} must divide the embedding dimension {manifest.dim}")
+
+    def nlist_for(self, n: int) -> int:
+        return self.ivf_nlist or max(1, round(4 * math.sqrt(n)))
+
+    def ivf_trainable(self, n: int) -> bool:
+        """Enough points for k-means on nlist centroids (39 per centroid) and for 8-bit PQ codebooks (256)."""
+        return n >= max(39 * self.nlist_for(n), 256)
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What the FAISS side holds, for tests, metrics and benchmarks."""
+
+    kind: str  # flat | hnsw | ivfpq; "flat" also while an ivfpq collection is too small to train
+    indexed: int  # live vectors the index answers for (entries minus tombstones)
+    tombstones: int
+    trained_on: int  # points the IVF-PQ index was trained on; 0 for other kinds
+    file_bytes: int | None  # size of index.faiss on disk, None before the first save
+
+
+# --- the FAISS index kinds ---------------------------------------------------------------------------------
+
+
+class _FaissIndex:
+    """One FAISS index over (fid, vector) pairs; subclasses differ in how they search and forget fids."""
+
+    kind = ""
+    complete = True  # the top n of a search are the true top n
+    stores_vectors = True  # exact vectors can be read back (reconstruct)
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+
+    def add(self, fids: np.ndarray, vectors: np.ndarray) -> None:
+        self.index.add_with_ids(vectors, fids)
+
+    def remove(self, fids: np.ndarray) -> None:
+        self.index.remove_ids(faiss.IDSelectorBatch(fids))
+
+    def entries(self) -> np.ndarray:
+        """Every fid the index holds an entry for, live or not."""
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+
+    @property
+    def live(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def tombstones(self) -> int:
+        return 0
+
+    def needs_rebuild(self) -> bool:
+        return False
+
+    def pool_size(self, need: int) -> int:
+        """How many candidates to ask for to answer the top `need` (one extra to see ties at the cut)."""
+        return need + 1
+
+    def search(self, query: np.ndarray, n: int, selector: Any | None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, fids) of the best n candidates, best first; selector restricts the fids considered."""
+        params = faiss.SearchParameters()
+        params.sel = selector
+        scores, fids = self.index.search(query, n, params=params)
+        return scores[0], fids[0]
+
+    def default_selector(self) -> Any | None:
+        return None
+
+    def vectors(self, fids: np.ndarray) -> np.ndarray:
+        return np.asarray(self.index.reconstruct_batch(fids), dtype=np.float32)
+
+
+class _FlatIndex(_FaissIndex):
+    kind = "flat"
+
+    @classmethod
+    def empty(cls, dim: int) -> _FlatIndex:
+        return cls(faiss.index_factory(dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT))
+
+
+class _HnswIndex(_FaissIndex):
+    kind = "hnsw"
+    complete = False
+
+    def __init__(self, index: Any, ef_search: int) -> None:
+        super().__init__(index)
+        self.ef_search = ef_search
+        self._dead: set[int] = set()
+        # (IDSelectorNot, the IDSelectorBatch it points to: kept so Python does not free it)
+        self._dead_selector: tuple[Any, Any] | None = None
+
+    @classmethod
+    def empty(cls, dim: int, settings: IndexSettings) -> _HnswIndex:
+        index = faiss.index_factory(dim, f"IDMap2,HNSW{settings.hnsw_m}", faiss.METRIC_INNER_PRODUCT)
+        return cls(index, settings.hnsw_ef_search)
+
+    def remove(self, fids: np.ndarray) -> None:
+        self._dead.update(int(fid) for fid in fids)
+        inner = faiss.IDSelectorBatch(np.fromiter(self._dead, dtype=np.int64, count=len(self._dead)))
+        self._dead_selector = (faiss.IDSelectorNot(inner), inner)
+
+    @property
+    def live(self) -> int:
+        return int(self.index.ntotal) - len(self._dead)
+
+    @property
+    def tombstones(self) -> int:
+        return len(self._dead)
+
+    def needs_rebuild(self) -> bool:
+        return len(self._dead) > HNSW_REBUILD_FRACTION * max(1, self.index.ntotal)
+
+    def pool_size(self, need: int) -> int:
+        # The traversal depends on efSearch, not on k: asking for max(need, ef) candidates makes every page
+        # with offset + k <= efSearch come from the same candidate list, so pagination is stable.
+        return max(need, self.ef_search)
+
+    def search(self, query: np.ndarray, n: int, selector: Any | None) -> tuple[np.ndarray, np.ndarray]:
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from faiss's stubs
+        params.efSearch = max(self.ef_search, n)
+        params.sel = selector
+        scores, fids = self.index.search(query, n, params=params)
+        return scores[0], fids[0]
+
+    def default_selector(self) -> Any | None:
+        return self._dead_selector[0] if self._dead_selector else None
+
+
+class _IvfPqIndex(_FaissIndex):
+    kind = "ivfpq"
+    complete = False
+    stores_vectors = False  # PQ codes only: exact scores come from SQLite
+
+    def __init__(self, index: Any, nprobe: int, trained_on: int) -> None:
+        super().__init__(index)
+        self.nprobe = nprobe
+        self.trained_on = trained_on
+
+    def entries(self) -> np.ndarray:
+        lists = self.index.invlists
+        parts = [
+            faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+            for i in range(self.index.nlist)
+            if lists.list_size(i)
+        ]
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+    def pool_size(self, need: int) -> int:
+        return max(4 * need, RESCORE_POOL)
+
+    def search(self, query: np.ndarray, n: int, selector: Any | None) -> tuple[np.ndarray, np.ndarray]:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = self.nprobe
+        params.sel = selector
+        scores, fids = self.index.search(query, n, params=params)
+        return scores[0], fids[0]
+
+
+def _wrap_loaded(
+    index: Any, manifest: Manifest, settings: IndexSettings, trained_on: int
+) -> _FaissIndex | None:
+    """The loaded FAISS index as the kind manifest asks for, or None when it is another kind or shape."""
+    if index.d != manifest.dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    if isinstance(index, faiss.IndexIVFPQ):
+        return (
+            _IvfPqIndex(index, settings.ivf_nprobe, trained_on or index.ntotal)
+            if manifest.index_type == "ivfpq"
+            else None
+        )
+    if not isinstance(index, faiss.IndexIDMap2):
+        return None
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexHNSWFlat):
+        return _HnswIndex(index, settings.hnsw_ef_search) if manifest.index_type == "hnsw" else None
+    if isinstance(inner, faiss.IndexFlat) and manifest.index_type in ("flat", "ivfpq"):
+        return _FlatIndex(index)  # for ivfpq: the exact stand-in used until there is enough data to train
+    return None
+
+
+# --- files -------------------------------------------------------------------------------------------------
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write path through a temp file in its directory: fsync it, rename it over path, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    _write_atomically(path, write)
+
+
+def _remove_abandoned_temp_files(directory: Path) -> None:
+    """Delete temp files left by a process killed mid-save (the pid in the name is no longer running)."""
+    for tmp in directory.glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.split(".")[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):
+            continue  # not ours, or a live process of another user
+
+
+def _remove_collection_files(directory: Path) -> None:
+    """Delete every file a collection keeps, the manifest first: without it the rest is not a collection."""
+    (directory / MANIFEST_FILE).unlink(missing_ok=True)
+    for pattern in (INDEX_FILE, INDEX_META_FILE, f"{PAYLOADS_FILE}*", ".*.tmp"):
+        for path in directory.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# --- locking -----------------------------------------------------------------------------------------------
+
+
+class _ReadWriteLock:
+    """Many readers or one writer. A waiting writer holds back new readers, so searches cannot starve upserts.
+
+    Not reentrant: public methods take it once and call private helpers that assume it is held.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+# --- the store ---------------------------------------------------------------------------------------------
+
+
+class FaissStore:
+    """A collection in one directory: SQLite payloads and vectors, and a FAISS index (flat, hnsw or ivfpq).
+
+    Thread-safe: searches and reads run concurrently; writes (upsert, delete, save) run alone.
+    One process at a time should write a collection.
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, settings: IndexSettings) -> None:
+        """Use `FaissStore.open`; this assumes the manifest is checked and the directory exists."""
+        self.directory = directory
+        self.name = directory.name
+        self.manifest = manifest
+        self.settings = settings
+        self._lock = _ReadWriteLock()
+        self._closed = False
+        self._db = PayloadDB(directory / PAYLOADS_FILE, manifest.dim)
+        self._generation = -1  # the SQLite generation the in-memory index reflects
+        try:
+            _remove_abandoned_temp_files(directory)
+            self._index, self._unsaved = self._load_index()
+            self._maintain_index()
+        except BaseException:
+            self._db.close()
+            raise
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        manifest: Manifest | None = None,
+        *,
+        hnsw_m: int = 32,
+        hnsw_ef_search: int = 128,
+        ivf_nlist: int | None = None,
+        pq_m: int = 32,
+        ivf_nprobe: int = 16,
+    ) -> FaissStore:
+        """Open the collection in `directory`, or create it with `manifest` when it does not exist.
+
+        An existing collection opened with another encoder, weights or dim raises EncoderMismatch; with
+        another index_type, its index is rebuilt as that type. Missing without a manifest: CollectionNotFound.
+        """
+        directory = Path(directory)
+        settings = IndexSettings(hnsw_m, hnsw_ef_search, ivf_nlist, ivf_nprobe, pq_m)
+        manifest_path = directory / MANIFEST_FILE
+        if not manifest_path.exists():
+            if manifest is None:
+                raise CollectionNotFound(
+                    f"no collection at {directory} (no {MANIFEST_FILE}); index images into it first"
+                )
+            settings.check(manifest)
+            directory.mkdir(parents=True, exist_ok=True)
+            _remove_collection_files(directory)  # left by a creation or a drop that did not finish
+            store = cls(directory, manifest, settings)
+            # written last: a directory without a manifest is a creation that did not finish
+            _write_text_atomically(manifest_path, manifest.to_json())
+            return store
+        try:
+            stored = Manifest.from_json(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError) as error:
+            raise CollectionCorrupt(f"{manifest_path} cannot be read: {error}") from error
+        if manifest is not None:
+            _check_same_encoder(directory, stored, manifest)
+            if manifest.index_type != stored.index_type:
+                stored = replace(stored, index_type=manifest.index_type)
+                settings.check(stored)
+                _write_text_atomically(manifest_path, stored.to_json())
+        settings.check(stored)
+        return cls(directory, stored, settings)
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    def __enter__(self) -> FaissStore:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"collection {self.name!r} ({self.directory}) is closed")
+
+    def save(self) -> None:
+        """Make every change durable: checkpoint SQLite, then replace index.faiss and index.json atomically.
+
+        A crash at any point leaves a loadable collection (see the module docstring).
+        """
+        with self._lock.write():
+            self._check_open()
+            self._save()
+
+    def _save(self) -> None:
+        self._db.checkpoint()
+        if not self._unsaved:
+            return
+        index = self._index
+
+        def write_index(tmp: Path) -> None:
+            faiss.write_index(index.index, str(tmp))
+
+        _write_atomically(self.directory / INDEX_FILE, write_index)
+        meta = {
+            "generation": self._generation,
+            "kind": index.kind,
+            "trained_on": index.trained_on if isinstance(index, _IvfPqIndex) else 0,
+        }
+        _write_text_atomically(self.directory / INDEX_META_FILE, json.dumps(meta))
+        self._unsaved = False
+
+    def close(self) -> None:
+        """Save and release the collection; closing twice is harmless."""
+        with self._lock.write():
+            if self._closed:
+                return
+            try:
+                self._save()
+            finally:
+                self._db.close()
+                self._closed = True
+
+    def drop(self) -> None:
+        """Delete the collection's files from disk (and the directory when nothing else is left in it)."""
+        with self._lock.write():
+            if not self._closed:
+                self._db.close()
+                self._closed = True
+            _remove_collection_files(self.directory)
+            if self.directory.exists() and not any(self.directory.iterdir()):
+                self.directory.rmdir()
+
+    # --- the index cache -----------------------------------------------------------------------------------
+
+    def _empty_index(self) -> _FaissIndex:
+        if self.manifest.index_type == "hnsw":
+            return _HnswIndex.empty(self.manifest.dim, self.settings)
+        return _FlatIndex.empty(self.manifest.dim)  # ivfpq starts exact and trains in _maintain_index
+
+    def _load_index(self) -> tuple[_FaissIndex, bool]:
+        """The index from disk made to match SQLite (or rebuilt), and whether it now differs from disk."""
+        meta = _read_json(self.directory / INDEX_META_FILE)
+        index: _FaissIndex | None = None
+        try:
+            loaded = faiss.read_index(str(self.directory / INDEX_FILE))
+            index = _wrap_loaded(loaded, self.manifest, self.settings, int(meta.get("trained_on", 0)))
+        except RuntimeError:
+            pass  # missing or unreadable: rebuilt from SQLite below
+        generation = self._db.generation  # read before the fids: a commit in between is caught up later
+        unsaved = index is None or meta.get("generation") != generation
+        if index is None:
+            index = self._empty_index()
+        unsaved = self._reconcile(index) or unsaved
+        self._generation = generation
+        return index, unsaved
+
+    def _reconcile(self, index: _FaissIndex) -> bool:
+        """Add the SQLite vectors the index lacks, drop the fids SQLite no longer has; True if it changed."""
+        live = self._db.matching_fids(None)
+        entries = np.sort(index.entries())
+        dead = np.setdiff1d(entries, live, assume_unique=True)
+        missing = np.setdiff1d(live, entries, assume_unique=True)
+        if len(dead):
+            index.remove(dead)
+        for start in range(0, len(missing), 65536):
+            fids = missing[start : start + 65536]
+            index.add(fids, self._db.vectors(fids))
+        return bool(len(dead) or len(missing))
+
+    def _rebuild(self, index: _FaissIndex) -> _FaissIndex:
+        for fids, vectors in self._db.iter_vectors():
+            index.add(fids, vectors)
+        return index
+
+    def _train_ivfpq(self) -> _IvfPqIndex:
+        fids = self._db.matching_fids(None)
+        nlist = self.settings.nlist_for(len(fids))
+        rng = np.random.default_rng(0)  # a seeded sample: the same data trains the same index
+        sample = np.sort(rng.choice(fids, size=min(len(fids), IVF_TRAIN_SAMPLE), replace=False))
+        index: Any = faiss.index_factory(  # an IndexIVFPQ, typed as a plain Index by faiss's stubs
+            self.manifest.dim, f"IVF{nlist},PQ{self.settings.pq_m}x8", faiss.METRIC_INNER_PRODUCT
+        )
+        # on by default, unused by our searches, and 500x the training time
+        index.do_polysemous_training = False
+        index.train(self._db.vectors(sample))
+        trained = _IvfPqIndex(index, self.settings.ivf_nprobe, trained_on=len(fids))
+        self._rebuild(trained)
+        return trained
+
+    def _maintain_index(self) -> None:
+        """Train or retrain IVF-PQ as the collection grows; rebuild an HNSW graph full of tombstones."""
+        index = self._index
+        if self.manifest.index_type == "ivfpq":
+            count = index.live  # the index mirrors SQLite here
+            if isinstance(index, _IvfPqIndex):
+                due = count >= IVF_RETRAIN_GROWTH * max(1, index.trained_on)
+            else:
+                due = self.settings.ivf_trainable(count)
+            if due:
+                self._index, self._unsaved = self._train_ivfpq(), True
+        elif index.needs_rebuild():
+            self._index, self._unsaved = self._rebuild(self._empty_index()), True
+
+    def _apply(self, changes: VectorChanges) -> None:
+        """Make the index follow a committed SQLite change."""
+        if changes.is_empty():
+            return
+        self._unsaved = True
+        try:
+            if changes.generation == self._generation + 1:
+                if len(changes.removed_fids):
+                    self._index.remove(changes.removed_fids)
+                if len(changes.added_fids):
+                    self._index.add(changes.added_fids, changes.added_vectors)
+                self._generation = changes.generation
+            else:
+                self._catch_up()  # another connection committed too: reconcile by fid sets instead
+        except BaseException:
+            # the cache can always be rebuilt from SQLite
+            self._generation = self._db.generation
+            self._index = self._rebuild(self._empty_index())
+            raise
+        self._maintain_index()
+
+    def _catch_up(self) -> None:
+        """Bring the index up to date with commits made through another connection (another process)."""
+        generation = self._db.generation
+        if generation == self._generation:
+            return
+        self._unsaved = self._reconcile(self._index) or self._unsaved
+        self._generation = generation
+        self._maintain_index()
+
+    def _ensure_current(self) -> None:
+        """Catch up with other processes' writes before a search; one cheap query when there were none."""
+        with self._lock.read():
+            self._check_open()
+            current = self._db.generation == self._generation
+        if not current:
+            with self._lock.write():
+                self._check_open()
+                self._catch_up()
+
+    def index_info(self) -> IndexInfo:
+        """The index kind, its live and dead entries, and its size on disk."""
+        self._ensure_current()
+        with self._lock.read():
+            self._check_open()
+            path = self.directory / INDEX_FILE
+            index = self._index
+            return IndexInfo(
+                kind=index.kind,
+                indexed=index.live,
+                tombstones=index.tombstones,
+                trained_on=index.trained_on if isinstance(index, _IvfPqIndex) else 0,
+                file_bytes=path.stat().st_size if path.exists() else None,
+            )
+
+    # --- writes --------------------------------------------------------------------------------------------
+
+    def _check_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        array = np.asarray(vectors, dtype=np.float32)
+        if array.ndim != 2 or array.shape[1] != self.manifest.dim:
+            raise EncoderMismatch(
+                f"vectors of shape {array.shape} cannot go into collection {self.name!r} ({self.directory}), "
+                f"which holds dim {self.manifest.dim} vectors from {self.manifest.encoder!r} "
+                f"(weights {self.manifest.weights})"
+            )
+        if not np.isfinite(array).all():
+            raise ValueError(f"vectors for collection {self.name!r} contain NaN or infinite values")
+        return np.ascontiguousarray(array)
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload]) -> None:
+        """Insert or overwrite points (one SQLite transaction, one index add); vectors are (len(ids), dim)."""
+        array = self._check_vectors(vectors)
+        if not len(ids) == len(array) == len(payloads):
+            raise ValueError(f"upsert got {len(ids)} ids, {len(array)} vectors and {len(payloads)} payloads")
+        if not len(ids):
+            return
+        with self._lock.write():
+            self._check_open()
+            self._apply(self._db.upsert(ids, array, payloads))
+
+    def set_payload(self, id: str, payload: Payload) -> None:
+        """Replace one point's payload, keeping its vector; KeyError when the id does not exist."""
+        with self._lock.write():
+            self._check_open()
+            if not self._db.set_payload(id, payload):
+                raise KeyError(f"no point {id!r} in collection {self.name!r} ({self.directory})")
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete points; returns how many existed."""
+        with self._lock.write():
+            self._check_open()
+            changes = self._db.delete(ids)
+            self._apply(changes)
+            return len(changes.removed_fids)
+
+    # --- reads ---------------------------------------------------------------------------------------------
+
+    def get(self, ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
+        """The points that exist among ids, in the order asked."""
+        with self._lock.read():
+            self._check_open()
+            return self._db.get(ids, with_vectors)
+
+    def count(self, filter: Filter | None = None) -> int:
+        """How many points match filter (all points for None)."""
+        with self._lock.read():
+            self._check_open()
+            return self._db.count(filter)
+
+    def scroll(
+        self, filter: Filter | None = None, batch_size: int = 1000, with_vectors: bool = False
+    ) -> Iterator[Record]:
+        """Every matching point exactly once, ordered by id, read in batches of batch_size."""
+        if batch_size < 1:
+            raise InvalidQuery(f"scroll batch_size must be at least 1, got {batch_size}")
+        return self._scroll(filter, batch_size, with_vectors)
+
+    def _scroll(self, filter: Filter | None, batch_size: int, with_vectors: bool) -> Iterator[Record]:
+        after: str | None = None
+        while True:
+            with self._lock.read():  # per batch, so a long scroll does not hold writers back
+                self._check_open()
+                batch = self._db.page(filter, after, batch_size, with_vectors)
+            yield from batch
+            if len(batch) < batch_size:
+                return
+            after = batch[-1].id
+
+    def _check_query(self, vector: np.ndarray) -> np.ndarray:
+        query = np.asarray(vector, dtype=np.float32)
+        if query.ndim == 2 and query.shape[0] == 1:
+            query = query[0]
+        if query.ndim != 1:
+            raise InvalidQuery(
+                f"a query is one vector of dim {self.manifest.dim}, got an array of shape {query.shape}"
+            )
+        if query.shape[0] != self.manifest.dim:
+            raise EncoderMismatch(
+                f"query vector has dim {query.shape[0]}; collection {self.name!r} ({self.directory}) holds "
+                f"dim {self.manifest.dim} vectors from {self.manifest.encoder!r} "
+                f"(weights {self.manifest.weights})"
+            )
+        if not np.isfinite(query).all():
+            raise InvalidQuery("the query vector contains NaN or infinite values")
+        return np.ascontiguousarray(query.reshape(1, -1))
+
+    def search(
+        self,
+        vector: np.ndarray,
+        k: int,
+        filter: Filter | None = None,
+        min_score: float | None = None,
+        offset: int = 0,
+    ) -> list[Hit]:
+        """Hits offset..offset+k by descending inner product (ties by id), within filter and min_score."""
+        query = self._check_query(vector)
+        if k < 1:
+            raise InvalidQuery(f"k must be at least 1, got {k}")
+        if offset < 0:
+            raise InvalidQuery(f"offset must be at least 0, got {offset}")
+        need = offset + k
+        self._ensure_current()
+        with self._lock.read():
+            self._check_open()
+            allowed = None if filter is None or filter.is_empty() else self._db.matching_fids(filter)
+            if allowed is not None and not len(allowed):
+                return []
+            if allowed is not None and self._scan_is_better(len(allowed)):
+                fids, scores = allowed, self._exact_scores(query, allowed)
+            else:
+                fids, scores = self._index_candidates(query, need, allowed)
+            ranked = self._rank(fids, scores, need)
+        hits = [
+            Hit(id=point_id, score=score, payload=json.loads(text))
+            for score, point_id, text in ranked[offset:need]
+            if min_score is None or score >= min_score
+        ]
+        return hits
+
+    def _scan_is_better(self, matches: int) -> bool:
+        if isinstance(self._index, _FlatIndex):
+            return False  # the flat index with a selector is already an exact scan, without reading SQLite
+        return matches <= max(EXACT_SEARCH_ROWS, EXACT_SEARCH_SHARE * self._index.live)
+
+    def _exact_scores(self, query: np.ndarray, fids: np.ndarray) -> np.ndarray:
+        vectors = self._index.vectors(fids) if self._index.stores_vectors else self._db.vectors(fids)
+        return _inner_products(vectors, query[0])
+
+    def _index_candidates(
+        self, query: np.ndarray, need: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(fids, scores) of the index's candidates for the top `need`, with exact scores."""
+        if not self._index.live:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        bitmap: np.ndarray | None = None  # must outlive the search: the selector points into it
+        if allowed is None:
+            selector = self._index.default_selector()
+        else:
+            # IDSelectorBitmap does not check bounds: the bitmap must cover every fid the index may hold
+            members = np.zeros(self._db.next_fid, dtype=bool)
+            members[allowed] = True
+            bitmap = np.packbits(members, bitorder="little")
+            # swig_ptr: the stubs say an array, but this faiss build wants a pointer
+            selector = faiss.IDSelectorBitmap(len(members), faiss.swig_ptr(bitmap))  # type: ignore[arg-type]
+        n = self._index.pool_size(need)
+        while True:
+            scores, fids = self._index.search(query, n, selector)
+            found = fids >= 0
+            scores, fids = scores[found], fids[found]
+            # an exact index cut inside a run of equal scores: ask for more, so ties go by id, not by fid
+            if not (self._index.complete and len(fids) == n and need < n and scores[need - 1] == scores[-1]):
+                break
+            n *= 2
+        del bitmap
+        if not self._index.stores_vectors:
+            scores = _inner_products(self._db.vectors(fids), query[0])  # PQ scores are approximate
+        return fids, scores
+
+    def _rank(self, fids: np.ndarray, scores: np.ndarray, need: int) -> list[tuple[float, str, str]]:
+        """The best `need` of the candidates as (score, id, payload JSON), by descending score then id."""
+        if len(fids) > need:
+            cut = np.partition(scores, len(scores) - need)[len(scores) - need]
+            keep = scores >= cut  # everything tied with the cut stays, to be ordered by id
+            fids, scores = fids[keep], scores[keep]
+        points = self._db.ids_and_payloads(fids)
+        ranked = [
+            (float(score), *points[int(fid)])
+            for fid, score in zip(fids, scores, strict=True)
+            if int(fid) in points
+        ]
+        ranked.sort(key=lambda hit: (-hit[0], hit[1]))
+        return ranked[:need]
+
+
+def _inner_products(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Inner products of each row of vectors with query, as float32."""
+    # summed in float64, then rounded: equal vectors score equal wherever BLAS blocks them; ties go by id
+    return (vectors.astype(np.float64) @ query.astype(np.float64)).astype(np.float32)
+
+
+def _check_same_encoder(directory: Path, stored: Manifest, asked: Manifest) -> None:
+    if (asked.encoder, asked.weights, asked.dim) != (stored.encoder, stored.weights, stored.dim):
+        raise EncoderMismatch(
+            f"collection at {directory} was built with encoder {stored.encoder!r} (weights {stored.weights}, "
+            f"dim {stored.dim}); it was opened for {asked.encoder!r} (weights {asked.weights}, "
+            f"dim {asked.dim}). "
+            "Use the model that built it, or index into a new collection."
+        )

@@ -1,0 +1,342 @@
+"""The SQLite side of the FAISS store: points (string id, JSON payload), their vectors, and a change counter.
+
+SQLite is the source of truth; the FAISS index is a cache derived from the `vectors` table. Every point has
+an integer `fid` (its FAISS id) that is never reused: a point whose vector changes gets a new fid. So an index
+entry (fid, vector) is valid exactly while that fid is in SQLite, and an index of any age can be brought up to
+date by set differences of fids alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+
+from retriever.store import Filter, Payload, Record
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS points (
+    fid INTEGER PRIMARY KEY,   -- the FAISS id
+    id TEXT NOT NULL UNIQUE,
+    payload TEXT NOT NULL      -- JSON; a later FTS5 table can index paths/tags/captions by fid
+);
+-- Apart from `points` so that filter scans over payloads do not read a 2 KB blob per row.
+CREATE TABLE IF NOT EXISTS vectors (
+    fid INTEGER PRIMARY KEY,
+    vector BLOB NOT NULL       -- float32, little-endian, `dim` values
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1), ('generation', 0), ('next_fid', 0);
+"""
+
+_FLOAT32 = np.dtype("<f4")
+
+
+@dataclass(frozen=True)
+class VectorChanges:
+    """What a write did to the set of (fid, vector) pairs, for the FAISS index to follow."""
+
+    added_fids: np.ndarray  # int64
+    added_vectors: np.ndarray  # float32, (len(added_fids), dim)
+    removed_fids: np.ndarray  # int64
+    generation: int  # the generation this change produced (unchanged when it is empty)
+
+    def is_empty(self) -> bool:
+        return len(self.added_fids) == 0 and len(self.removed_fids) == 0
+
+
+def filter_sql(filter: Filter | None) -> tuple[str, list[Any]]:
+    """An SQL condition on table `points` that holds exactly when `Filter.matches(payload)` does."""
+    if filter is None or filter.is_empty():
+        return "1", []
+    clauses: list[str] = []
+    params: list[Any] = []
+    if filter.path_prefix is not None:
+        clauses.append(
+            "EXISTS (SELECT 1 FROM json_each(points.payload, '$.paths') AS p WHERE substr(p.value, 1, ?) = ?)"
+        )
+        params += [len(filter.path_prefix), filter.path_prefix]  # substr and len both count code points
+    if filter.tags_any:
+        clauses.append(
+            "EXISTS (SELECT 1 FROM json_each(points.payload, '$.tags') AS t "
+            "WHERE t.value IN (SELECT value FROM json_each(?)))"
+        )
+        params.append(json.dumps(list(filter.tags_any)))
+    if filter.tags_all:
+        wanted = sorted(set(filter.tags_all))
+        clauses.append(
+            "(SELECT count(DISTINCT t.value) FROM json_each(points.payload, '$.tags') AS t "
+            "WHERE t.value IN (SELECT value FROM json_each(?))) = ?"
+        )
+        params += [json.dumps(wanted), len(wanted)]
+    for key, low, high in (
+        ("width", filter.min_width, filter.max_width),
+        ("height", filter.min_height, filter.max_height),
+        ("bytes", filter.min_bytes, filter.max_bytes),
+    ):
+        # a missing key or JSON null extracts as NULL; a comparison with NULL is false, as in Filter.matches
+        if low is not None:
+            clauses.append(f"json_extract(points.payload, '$.{key}') >= ?")
+            params.append(low)
+        if high is not None:
+            clauses.append(f"json_extract(points.payload, '$.{key}') <= ?")
+            params.append(high)
+    return " AND ".join(clauses), params
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, PurePath):
+        return str(value)
+    raise TypeError(f"payload value {value!r} of type {type(value).__name__} cannot be stored as JSON")
+
+
+def encode_payload(payload: Payload) -> str:
+    """The JSON text stored for a payload (numpy scalars and paths become plain JSON; NaN is refused)."""
+    return json.dumps(
+        payload, ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_default
+    )
+
+
+def _as_json_array(values: Sequence[Any] | np.ndarray) -> str:
+    # one JSON parameter instead of one SQL variable per value: no limit on the number of values
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    return json.dumps(list(values))
+
+
+class PayloadDB:
+    """One collection's SQLite file (WAL mode). Not locked itself: the store serialises calls."""
+
+    def __init__(self, path: Path, dim: int) -> None:
+        self.path = path
+        self.dim = dim
+        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in `_transaction`
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Takes effect only on a new file. With 4 KB pages a 2 KB vector row (dim 512) fits once per page,
+        # wasting half the file; 16 KB pages hold seven.
+        self._conn.execute("PRAGMA page_size=16384")
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a commit survives a process crash; `checkpoint()` (in save) makes it survive power loss
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _meta(self, key: str) -> int:
+        return int(self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self._conn.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every commit that adds or removes a (fid, vector) pair; payload-only changes leave it."""
+        return self._meta("generation")
+
+    @property
+    def next_fid(self) -> int:
+        """Every fid ever given out is below this."""
+        return self._meta("next_fid")
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file and fsync both."""
+        self._conn.execute("PRAGMA wal_checkpoint(FULL)")
+
+    # --- writes -------------------------------------------------------------------------------------------
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload]) -> VectorChanges:
+        """Insert or overwrite points in one transaction; a repeated id keeps its last vector and payload.
+
+        A point whose vector is byte-identical keeps its fid (only the payload is written), so re-indexing
+        unchanged images leaves the FAISS index alone.
+        """
+        last = {point_id: i for i, point_id in enumerate(ids)}
+        rows = sorted(last.values())
+        texts = {i: encode_payload(payloads[i]) for i in rows}
+        blobs = {i: vectors[i].astype(_FLOAT32, copy=False).tobytes() for i in rows}
+        with self._transaction() as conn:
+            existing = {
+                point_id: (fid, blob)
+                for point_id, fid, blob in conn.execute(
+                    "SELECT points.id, points.fid, vectors.vector FROM points JOIN vectors USING (fid) "
+                    "WHERE points.id IN (SELECT value FROM json_each(?))",
+                    (_as_json_array([ids[i] for i in rows]),),
+                )
+            }
+            same = [i for i in rows if ids[i] in existing and existing[ids[i]][1] == blobs[i]]
+            same_set = set(same)
+            changed = [i for i in rows if i not in same_set]
+            removed = [existing[ids[i]][0] for i in changed if ids[i] in existing]
+            if removed:
+                removed_json = _as_json_array(removed)
+                conn.execute(
+                    "DELETE FROM points WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,)
+                )
+                conn.execute(
+                    "DELETE FROM vectors WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,)
+                )
+            first_fid = self._meta("next_fid")
+            fids = np.arange(first_fid, first_fid + len(changed), dtype=np.int64)
+            conn.executemany(
+                "INSERT INTO points (fid, id, payload) VALUES (?, ?, ?)",
+                [(int(fid), ids[i], texts[i]) for fid, i in zip(fids, changed, strict=True)],
+            )
+            conn.executemany(
+                "INSERT INTO vectors (fid, vector) VALUES (?, ?)",
+                [(int(fid), blobs[i]) for fid, i in zip(fids, changed, strict=True)],
+            )
+            conn.executemany("UPDATE points SET payload = ? WHERE id = ?", [(texts[i], ids[i]) for i in same])
+            if changed:
+                self._set_meta("next_fid", first_fid + len(changed))
+                self._set_meta("generation", self._meta("generation") + 1)
+            generation = self._meta("generation")
+        return VectorChanges(
+            added_fids=fids,
+            added_vectors=np.ascontiguousarray(vectors[changed], dtype=np.float32),
+            removed_fids=np.asarray(removed, dtype=np.int64),
+            generation=generation,
+        )
+
+    def delete(self, ids: Sequence[str]) -> VectorChanges:
+        """Delete the points that exist among ids; their fids come back as removed."""
+        with self._transaction() as conn:
+            removed = [
+                fid
+                for (fid,) in conn.execute(
+                    "SELECT fid FROM points WHERE id IN (SELECT value FROM json_each(?))",
+                    (_as_json_array(ids),),
+                )
+            ]
+            if removed:
+                removed_json = _as_json_array(removed)
+                conn.execute(
+                    "DELETE FROM points WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,)
+                )
+                conn.execute(
+                    "DELETE FROM vectors WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,)
+                )
+                self._set_meta("generation", self._meta("generation") + 1)
+            generation = self._meta("generation")
+        return VectorChanges(
+            added_fids=np.empty(0, dtype=np.int64),
+            added_vectors=np.empty((0, self.dim), dtype=np.float32),
+            removed_fids=np.asarray(removed, dtype=np.int64),
+            generation=generation,
+        )
+
+    def set_payload(self, id: str, payload: Payload) -> bool:
+        """Replace one point's payload; False when the id does not exist."""
+        with self._transaction() as conn:
+            cursor = conn.execute("UPDATE points SET payload = ? WHERE id = ?", (encode_payload(payload), id))
+        return cursor.rowcount > 0
+
+    # --- reads --------------------------------------------------------------------------------------------
+
+    def _vector(self, blob: bytes) -> np.ndarray:
+        return np.frombuffer(blob, dtype=_FLOAT32).astype(np.float32)
+
+    def get(self, ids: Sequence[str], with_vectors: bool) -> list[Record]:
+        """The points that exist among ids, in the order asked."""
+        vector_column = "vectors.vector" if with_vectors else "NULL"
+        vector_join = "JOIN vectors ON vectors.fid = points.fid" if with_vectors else ""
+        rows = self._conn.execute(
+            f"SELECT points.id, points.payload, {vector_column} FROM json_each(?) AS asked "
+            f"JOIN points ON points.id = asked.value {vector_join} ORDER BY asked.key",
+            (_as_json_array(ids),),
+        )
+        return [
+            Record(point_id, json.loads(text), self._vector(blob) if with_vectors else None)
+            for point_id, text, blob in rows
+        ]
+
+    def count(self, filter: Filter | None) -> int:
+        condition, params = filter_sql(filter)
+        return int(self._conn.execute(f"SELECT count(*) FROM points WHERE {condition}", params).fetchone()[0])
+
+    def page(
+        self, filter: Filter | None, after_id: str | None, limit: int, with_vectors: bool
+    ) -> list[Record]:
+        """Up to `limit` matching points with id > after_id, ordered by id (keyset pagination)."""
+        condition, params = filter_sql(filter)
+        if after_id is not None:
+            condition += " AND points.id > ?"
+            params = [*params, after_id]
+        vector_column = "vectors.vector" if with_vectors else "NULL"
+        vector_join = "JOIN vectors ON vectors.fid = points.fid" if with_vectors else ""
+        rows = self._conn.execute(
+            f"SELECT points.id, points.payload, {vector_column} FROM points {vector_join} "
+            f"WHERE {condition} ORDER BY points.id LIMIT ?",
+            [*params, limit],
+        )
+        return [
+            Record(point_id, json.loads(text), self._vector(blob) if with_vectors else None)
+            for point_id, text, blob in rows
+        ]
+
+    def matching_fids(self, filter: Filter | None) -> np.ndarray:
+        """The fids of every point the filter matches (all points for no filter), ascending."""
+        condition, params = filter_sql(filter)
+        rows = self._conn.execute(f"SELECT fid FROM points WHERE {condition} ORDER BY fid", params).fetchall()
+        return np.fromiter((fid for (fid,) in rows), dtype=np.int64, count=len(rows))
+
+    def vectors(self, fids: np.ndarray) -> np.ndarray:
+        """The vectors of fids (which must exist), in the order given, as a (len(fids), dim) float32 array."""
+        blobs = [
+            blob
+            for (blob,) in self._conn.execute(
+                "SELECT vectors.vector FROM json_each(?) AS asked JOIN vectors ON vectors.fid = asked.value "
+                "ORDER BY asked.key",
+                (_as_json_array(fids),),
+            )
+        ]
+        if len(blobs) != len(fids):
+            raise LookupError(f"{self.path}: {len(fids) - len(blobs)} of the asked vectors are missing")
+        return np.frombuffer(b"".join(blobs), dtype=_FLOAT32).reshape(len(fids), self.dim).astype(np.float32)
+
+    def iter_vectors(self, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every (fids, vectors) pair in batches, ordered by fid."""
+        after = -1
+        while True:
+            rows = self._conn.execute(
+                "SELECT fid, vector FROM vectors WHERE fid > ? ORDER BY fid LIMIT ?", (after, batch_size)
+            ).fetchall()
+            if not rows:
+                return
+            fids = np.fromiter((fid for fid, _ in rows), dtype=np.int64, count=len(rows))
+            matrix = np.frombuffer(b"".join(blob for _, blob in rows), dtype=_FLOAT32).reshape(
+                len(rows), self.dim
+            )
+            yield fids, matrix.astype(np.float32)
+            after = int(fids[-1])
+
+    def ids_and_payloads(self, fids: np.ndarray) -> dict[int, tuple[str, str]]:
+        """fid -> (id, payload JSON text) for the fids that exist."""
+        rows = self._conn.execute(
+            "SELECT fid, id, payload FROM points WHERE fid IN (SELECT value FROM json_each(?))",
+            (_as_json_array(fids),),
+        )
+        return {fid: (point_id, text) for fid, point_id, text in rows}

@@ -1,0 +1,349 @@
+"""The VectorStore contract, run against every backend in conftest.BACKENDS through the `store` fixture."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from bench.synthetic_vectors import isotropic
+from retriever.errors import CollectionNotFound, EncoderMismatch, InvalidQuery
+from retriever.store import Filter, Hit, Payload, VectorStore
+from tests.retriever.conftest import CONTRACT_DIM, Collection
+
+TAGS = ("cat", "dog", "outdoor", "night", "sofa", "red")
+
+
+@dataclass
+class Points:
+    """A batch of points and what a store must answer about them."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    payloads: list[Payload]
+
+    def vector_of(self, point_id: str) -> np.ndarray:
+        return self.vectors[self.ids.index(point_id)]
+
+
+def point_id(i: int) -> str:
+    # content-hash-like ids, so id order differs from insertion order
+    return hashlib.sha1(f"image-{i}".encode()).hexdigest()[:16]
+
+
+def make_points(n: int, dim: int = CONTRACT_DIM, seed: int = 0, start: int = 0) -> Points:
+    """n points with varied payloads: one or two paths, some tags, and sizes that are sometimes missing."""
+    rng = np.random.default_rng(seed)
+    payloads: list[Payload] = []
+    for i in range(start, start + n):
+        folder = ("cats", "dogs", "misc")[int(rng.integers(3))]
+        payload: Payload = {"paths": [f"/photos/{folder}/{i}.jpg"]}
+        if rng.random() < 0.3:
+            payload["paths"].append(f"/archive/{folder}/{i}.jpg")
+        if rng.random() < 0.85:
+            payload["tags"] = sorted(
+                {TAGS[int(t)] for t in rng.integers(len(TAGS), size=int(rng.integers(4)))}
+            )
+        for key, high in (("width", 2000), ("height", 1500), ("bytes", 4_000_000)):
+            draw = rng.random()
+            if draw < 0.8:
+                payload[key] = int(rng.integers(1, high))
+            elif draw < 0.9:
+                payload[key] = None
+        payloads.append(payload)
+    ids = [point_id(i) for i in range(start, start + n)]
+    return Points(ids, isotropic(n, dim, seed=seed + 1000), payloads)
+
+
+FILTERS = {
+    "path_prefix": Filter(path_prefix="/photos/cats/"),
+    "second_path_prefix": Filter(path_prefix="/archive/"),
+    "empty_path_prefix": Filter(path_prefix=""),
+    "tags_any": Filter(tags_any=("cat", "night")),
+    "tags_all": Filter(tags_all=("cat", "outdoor")),
+    "tags_all_repeated": Filter(tags_all=("dog", "dog")),
+    "min_width": Filter(min_width=800),
+    "max_width": Filter(max_width=800),
+    "min_height": Filter(min_height=700),
+    "max_height": Filter(max_height=700),
+    "min_bytes": Filter(min_bytes=1_000_000),
+    "max_bytes": Filter(max_bytes=1_000_000),
+    "combined": Filter(path_prefix="/photos/", tags_any=("dog", "red"), min_width=300, max_height=1200),
+    "matches_nothing": Filter(tags_any=("unicorn",)),
+}
+
+
+def expected_ranking(
+    points: Points, query: np.ndarray, filter: Filter | None = None
+) -> list[tuple[str, float]]:
+    """Brute force: (id, inner product) of every matching point by descending score, ties by id."""
+    scores = points.vectors.astype(np.float64) @ query.astype(np.float64)
+    ranked = [
+        (pid, float(score))
+        for pid, score, payload in zip(points.ids, scores, points.payloads, strict=True)
+        if filter is None or filter.matches(payload)
+    ]
+    return sorted(ranked, key=lambda hit: (-hit[1], hit[0]))
+
+
+def assert_same_ranking(
+    hits: Sequence[Hit], expected: Sequence[tuple[str, float]], tol: float = 1e-5
+) -> None:
+    """Hits equal the expected (id, score) list; float noise may only swap ids whose scores are within tol."""
+    assert len(hits) == len(expected)
+    true_score = dict(expected)
+    for hit, (expected_id, expected_score) in zip(hits, expected, strict=True):
+        assert hit.score == pytest.approx(expected_score, abs=tol)
+        if hit.id != expected_id:
+            assert hit.id in true_score and abs(true_score[hit.id] - expected_score) < tol
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+@pytest.fixture
+def points() -> Points:
+    return make_points(240)
+
+
+@pytest.fixture
+def filled(store: VectorStore, points: Points) -> VectorStore:
+    store.upsert(points.ids, points.vectors, points.payloads)
+    return store
+
+
+# --- collections -------------------------------------------------------------------------------------------
+
+
+def test_store_satisfies_the_protocol(store: VectorStore, collection: Collection) -> None:
+    assert isinstance(store, VectorStore)
+    assert store.name == collection.directory.name
+    assert store.manifest == collection.manifest()
+
+
+def test_opening_a_missing_collection_without_manifest_names_it(collection: Collection) -> None:
+    with pytest.raises(CollectionNotFound, match=collection.directory.name):
+        collection.open(None)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"encoder": "ViT-B-32"}, {"weights": "sha256:abc"}, {"dim": 32}],
+    ids=["encoder", "weights", "dim"],
+)
+def test_reopening_with_another_encoder_is_refused(
+    store: VectorStore, collection: Collection, change: dict[str, object]
+) -> None:
+    collection.close(store)
+    with pytest.raises(EncoderMismatch):
+        collection.open(collection.manifest(**change))
+
+
+def test_search_of_an_empty_collection_returns_nothing(store: VectorStore) -> None:
+    assert store.search(unit(np.ones(CONTRACT_DIM)), k=5) == []
+    assert store.count() == 0
+    assert list(store.scroll()) == []
+
+
+# --- writes ------------------------------------------------------------------------------------------------
+
+
+def test_upserting_the_same_points_twice_keeps_one_copy_each(filled: VectorStore, points: Points) -> None:
+    filled.upsert(points.ids, points.vectors, points.payloads)
+    assert filled.count() == len(points.ids)
+    hits = filled.search(points.vectors[0], k=3)
+    assert [hit.id for hit in hits].count(points.ids[0]) == 1
+
+
+def test_upsert_overwrites_the_vector_and_payload_of_an_existing_id(
+    filled: VectorStore, points: Points
+) -> None:
+    target = points.ids[5]
+    new_vector = unit(-points.vector_of(target))
+    filled.upsert([target], new_vector[None, :], [{"paths": ["/new.jpg"], "tags": ["new"]}])
+
+    assert filled.count() == len(points.ids)
+    [record] = filled.get([target], with_vectors=True)
+    assert record.payload == {"paths": ["/new.jpg"], "tags": ["new"]}
+    assert record.vector is not None and np.allclose(record.vector, new_vector)
+    assert filled.search(new_vector, k=1)[0].id == target
+    assert filled.search(new_vector, k=1)[0].score == pytest.approx(1.0, abs=1e-5)
+    assert target not in [hit.id for hit in filled.search(points.vector_of(target), k=5)]
+    assert filled.count(Filter(tags_any=("new",))) == 1
+
+
+def test_delete_removes_points_and_counts_only_those_that_existed(
+    filled: VectorStore, points: Points
+) -> None:
+    gone = points.ids[:3]
+    assert filled.delete([*gone, "no-such-id"]) == 3
+    assert filled.delete(gone) == 0
+    assert filled.count() == len(points.ids) - 3
+    assert filled.get(gone) == []
+    for i in range(3):
+        assert set(gone).isdisjoint(hit.id for hit in filled.search(points.vectors[i], k=10))
+    assert set(gone).isdisjoint(record.id for record in filled.scroll())
+
+
+def test_set_payload_replaces_the_payload_and_keeps_the_vector(filled: VectorStore, points: Points) -> None:
+    target = points.ids[7]
+    filled.set_payload(target, {"paths": ["/moved.jpg"], "tags": ["sofa"], "captions": {"tiny": "a sofa"}})
+    [record] = filled.get([target], with_vectors=True)
+    assert record.payload["captions"] == {"tiny": "a sofa"}
+    assert record.vector is not None and np.allclose(record.vector, points.vector_of(target))
+    assert filled.search(points.vector_of(target), k=1)[0].payload["paths"] == ["/moved.jpg"]
+    with pytest.raises(KeyError, match="no-such-id"):
+        filled.set_payload("no-such-id", {})
+
+
+def test_vectors_of_another_dimension_are_refused_naming_both_dims(store: VectorStore) -> None:
+    with pytest.raises(EncoderMismatch, match=rf"\b{CONTRACT_DIM}\b") as refused:
+        store.upsert(["a"], np.ones((1, CONTRACT_DIM + 1), dtype=np.float32), [{}])
+    assert str(CONTRACT_DIM + 1) in str(refused.value)
+    with pytest.raises((EncoderMismatch, InvalidQuery), match=rf"\b{CONTRACT_DIM + 1}\b"):
+        store.search(np.ones(CONTRACT_DIM + 1, dtype=np.float32), k=3)
+    assert store.count() == 0
+
+
+# --- reads -------------------------------------------------------------------------------------------------
+
+
+def test_get_returns_existing_points_in_the_order_asked(filled: VectorStore, points: Points) -> None:
+    asked = [points.ids[9], "missing", points.ids[2], points.ids[40]]
+    records = filled.get(asked)
+    assert [record.id for record in records] == [points.ids[9], points.ids[2], points.ids[40]]
+    assert records[1].payload == points.payloads[2]
+    assert all(record.vector is None for record in records)
+    with_vectors = filled.get(asked, with_vectors=True)
+    for record in with_vectors:
+        assert record.vector is not None and np.allclose(record.vector, points.vector_of(record.id))
+
+
+@pytest.mark.parametrize("name", sorted(FILTERS))
+def test_count_with_each_filter_equals_filter_matches(filled: VectorStore, points: Points, name: str) -> None:
+    filter = FILTERS[name]
+    assert filled.count(filter) == sum(filter.matches(payload) for payload in points.payloads)
+
+
+def test_filters_under_test_are_neither_trivial_nor_empty(points: Points) -> None:
+    for name, filter in FILTERS.items():
+        matched = sum(filter.matches(payload) for payload in points.payloads)
+        assert (matched == 0) == (name == "matches_nothing"), name
+        assert matched < len(points.payloads) or name == "empty_path_prefix", name
+
+
+@pytest.mark.parametrize("name", ["none", *sorted(FILTERS)])
+def test_scroll_returns_every_match_once_in_id_order(filled: VectorStore, points: Points, name: str) -> None:
+    filter = FILTERS.get(name)
+    records = list(filled.scroll(filter, batch_size=7))
+    expected = sorted(
+        pid for pid, p in zip(points.ids, points.payloads, strict=True) if not filter or filter.matches(p)
+    )
+    assert [record.id for record in records] == expected
+    assert all(record.payload == points.payloads[points.ids.index(record.id)] for record in records)
+
+
+def test_scroll_with_vectors_returns_the_stored_vectors(filled: VectorStore, points: Points) -> None:
+    records = list(filled.scroll(batch_size=50, with_vectors=True))
+    assert len(records) == len(points.ids)
+    for record in records:
+        assert record.vector is not None and np.allclose(record.vector, points.vector_of(record.id))
+
+
+# --- search ------------------------------------------------------------------------------------------------
+
+
+def test_search_ranks_by_inner_product_like_brute_force(filled: VectorStore, points: Points) -> None:
+    for query in isotropic(5, CONTRACT_DIM, seed=7):
+        assert_same_ranking(filled.search(query, k=15), expected_ranking(points, query)[:15])
+
+
+@pytest.mark.parametrize("name", sorted(FILTERS))
+def test_search_with_each_filter_ranks_only_matches(filled: VectorStore, points: Points, name: str) -> None:
+    filter = FILTERS[name]
+    for query in isotropic(3, CONTRACT_DIM, seed=8):
+        hits = filled.search(query, k=12, filter=filter)
+        assert all(filter.matches(hit.payload) for hit in hits)
+        assert_same_ranking(hits, expected_ranking(points, query, filter)[:12])
+
+
+@pytest.mark.parametrize("filter", [None, FILTERS["tags_any"]], ids=["no_filter", "tags_any"])
+def test_pages_concatenated_equal_one_big_search(filled: VectorStore, filter: Filter | None) -> None:
+    query = isotropic(1, CONTRACT_DIM, seed=9)[0]
+    pages = [filled.search(query, k=7, filter=filter, offset=7 * page) for page in range(6)]
+    big = filled.search(query, k=42, filter=filter)
+    assert [hit.id for page in pages for hit in page] == [hit.id for hit in big]
+    assert filled.search(query, k=7, filter=filter, offset=7) == pages[1]  # the same page twice is the same
+
+
+def test_ties_are_broken_by_id_also_across_pages(store: VectorStore) -> None:
+    query, tied = isotropic(2, CONTRACT_DIM, seed=12)
+    tied_ids = [point_id(i) for i in range(10)]
+    store.upsert(tied_ids, np.tile(tied, (10, 1)), [{} for _ in tied_ids])
+    # the better and worse points bracket the tied score, so the tie sits inside the ranking
+    tied_score = float(tied @ query)
+    store.upsert(["zz-better", "00-worse"], np.stack([unit(query + tied), unit(tied - 2 * query)]), [{}, {}])
+    assert float(unit(query + tied) @ query) > tied_score > float(unit(tied - 2 * query) @ query)
+    pages = [store.search(query, k=4, offset=4 * page) for page in range(3)]
+    assert [hit.id for page in pages for hit in page] == ["zz-better", *sorted(tied_ids), "00-worse"]
+
+
+def test_min_score_drops_hits_below_it(filled: VectorStore, points: Points) -> None:
+    query = isotropic(1, CONTRACT_DIM, seed=10)[0]
+    unbounded = filled.search(query, k=30)
+    threshold = unbounded[12].score
+    bounded = filled.search(query, k=30, min_score=threshold)
+    assert bounded == [hit for hit in unbounded if hit.score >= threshold]
+    assert 12 < len(bounded) < 30
+    assert filled.search(query, k=5, min_score=1.01) == []
+
+
+def test_search_hits_carry_payloads(filled: VectorStore, points: Points) -> None:
+    [hit] = filled.search(points.vectors[3], k=1)
+    assert hit.id == points.ids[3]
+    assert hit.payload == points.payloads[3]
+    assert hit.path == points.payloads[3]["paths"][0]
+
+
+def test_invalid_k_and_offset_are_refused(filled: VectorStore) -> None:
+    query = isotropic(1, CONTRACT_DIM)[0]
+    with pytest.raises(InvalidQuery, match="k"):
+        filled.search(query, k=0)
+    with pytest.raises(InvalidQuery, match="offset"):
+        filled.search(query, k=3, offset=-1)
+
+
+# --- persistence -------------------------------------------------------------------------------------------
+
+
+def test_points_survive_close_and_reopen(
+    filled: VectorStore, points: Points, reopen: Callable[..., VectorStore], collection: Collection
+) -> None:
+    filled.delete(points.ids[:4])
+    filled.set_payload(points.ids[4], {"paths": ["/kept.jpg"]})
+    query = isotropic(1, CONTRACT_DIM, seed=11)[0]
+    before = filled.search(query, k=20, filter=FILTERS["tags_any"])
+
+    again = reopen(filled)
+    assert again.manifest == collection.manifest()
+    assert again.count() == len(points.ids) - 4
+    assert again.get([points.ids[4]])[0].payload == {"paths": ["/kept.jpg"]}
+    assert again.get(points.ids[:4]) == []
+    assert again.search(query, k=20, filter=FILTERS["tags_any"]) == before
+
+
+def test_writes_after_a_save_survive_reopen(
+    filled: VectorStore, points: Points, reopen: Callable[..., VectorStore], collection: Collection
+) -> None:
+    filled.save()
+    more = make_points(30, seed=1, start=10_000)
+    filled.upsert(more.ids, more.vectors, more.payloads)
+    filled.delete(points.ids[:2])
+    again = reopen(filled, collection.manifest())
+    assert again.count() == len(points.ids) + 30 - 2
+    assert again.search(more.vectors[0], k=1)[0].id == more.ids[0]
+    assert again.get(points.ids[:2]) == []
