@@ -1,0 +1,21 @@
+"""Errors a user can meet with the generative model; each message names the file or setting to change."""
+
+from __future__ import annotations
+
+from indexer.errors import VlsearchError
+
+
+class UnsupportedModel(VlsearchError):
+    """The checkpoint is not DeepSeek-VL, or its tokenizer cannot express the answers the scorer reads."""
+
+
+class UnknownScoreMethod(VlsearchError):
+    """A relevance score method other than the ones `reranker.scoring.SCORE_METHODS` names."""
+
+
+class PromptTooLong(VlsearchError):
+    """A query (or question) that does not fit, with its prompt, in the model's context."""
+
+
+class EmptyQuery(VlsearchError):
+    """A query or tag with no text to score."""

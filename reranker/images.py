@@ -1,0 +1,38 @@
+"""Images as the DeepSeek-VL processors expect them: RGB, transparency on white, not needlessly large."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PIL import Image
+
+# Shrink to at most this many times the model's input side before the processor's own (exact) resize:
+# converting and resizing a full photo as a float tensor costs more than the small model it feeds.
+_HEADROOM = 2
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB copy of `image` (L, P, RGBA, CMYK …); transparent pixels become white rather than black."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def input_side(image_processor: Any) -> int:
+    """The largest side the image processor resizes to (the high-res tower's, for the hybrid model)."""
+    sizes = [image_processor.size, getattr(image_processor, "high_res_size", None)]
+    return max(int(max(size["height"], size["width"])) for size in sizes if size)
+
+
+def prepare(image: Image.Image, side: int) -> Image.Image:
+    """RGB, and at most `_HEADROOM` × `side` on its longer side (aspect kept), for the processor to finish."""
+    image = to_rgb(image)
+    scale = _HEADROOM * side / max(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)

@@ -1,0 +1,86 @@
+"""Relevance scores from DeepSeek-VL logits: VQAScore (P("Yes")) and VisualGPTScore (text log-likelihood).
+
+Tensor-level pieces only; `reranker.model.VisionLanguageModel` builds the prompts and feeds the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+VQA = "vqa"
+CAPTION = "caption"
+SCORE_METHODS: tuple[str, ...] = (VQA, CAPTION)
+
+
+@torch.inference_mode()
+def image_features(model: Any, pixel_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Aligned image embeddings (images, image tokens, text hidden size): vision tower(s) and aligner."""
+    return model.model.get_image_features(**pixel_inputs, return_dict=True).pooler_output
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and position_ids of left-padded rows: each row ends in the last column.
+
+    Positions count real tokens only, so a padded row gets the same positions (and scores) as it would alone.
+    """
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        if row:
+            input_ids[index, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[index, width - len(row) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "position_ids": position_ids.to(device),
+    }
+
+
+@torch.inference_mode()
+def forward_with_features(
+    model: Any, inputs: dict[str, torch.Tensor], features: torch.Tensor, logits_to_keep: int
+) -> torch.Tensor:
+    """Logits of the last `logits_to_keep` positions, the image tokens filled with precomputed `features`."""
+    encoded = BaseModelOutputWithPooling(pooler_output=features)
+    output = model(
+        **inputs, mm_encoder_outputs={"image": encoded}, logits_to_keep=logits_to_keep, use_cache=False
+    )
+    return output.logits
+
+
+def yes_probability(last_logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]) -> torch.Tensor:
+    """VQAScore: sum P(yes variants) / (sum P(yes variants) + sum P(no variants)), next-token softmax.
+
+    The softmax denominator cancels, so this is sigmoid(logsumexp(yes logits) - logsumexp(no logits)),
+    computed in float32. `last_logits` is (rows, vocab).
+    """
+    logits = last_logits.float()
+    yes = torch.logsumexp(logits[:, list(yes_ids)], dim=-1)
+    no = torch.logsumexp(logits[:, list(no_ids)], dim=-1)
+    return torch.sigmoid(yes - no)
+
+
+def answer_log_likelihood(logits: torch.Tensor, answers: Sequence[Sequence[int]]) -> torch.Tensor:
+    """VisualGPTScore: per row, the mean log-probability of its answer tokens, which end the left-padded row.
+
+    `logits` are the last max(len(answer)) + 1 positions, as `logits_to_keep` gives them: position j predicts
+    token j + 1, so the final position (after the answer) is not used.
+    """
+    longest = max(len(answer) for answer in answers)
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    if log_probs.shape[1] != longest:
+        raise ValueError(f"expected logits for {longest + 1} positions, got {logits.shape[1]}")
+    targets = torch.zeros((len(answers), longest), dtype=torch.long)
+    mask = torch.zeros((len(answers), longest), dtype=torch.float32)
+    for index, answer in enumerate(answers):
+        targets[index, longest - len(answer) :] = torch.tensor(answer, dtype=torch.long)
+        mask[index, longest - len(answer) :] = 1.0
+    targets, mask = targets.to(log_probs.device), mask.to(log_probs.device)
+    token_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
+    return token_log_probs.sum(-1) / mask.sum(-1)
