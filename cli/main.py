@@ -22,8 +22,8 @@ from indexer.pipeline import detach_path, index_images
 from indexer.sources import IMAGE_EXTENSIONS, iter_sources
 from retriever.dupes import near_duplicate_groups
 from retriever.errors import InvalidQuery
-from retriever.query import Query, search
-from retriever.store import Filter, VectorStore
+from retriever.query import Query, add_captions, search
+from retriever.store import Filter, Hit, VectorStore
 
 app = typer.Typer(
     name="vlsearch",
@@ -48,6 +48,7 @@ MinScoreOpt = Annotated[float | None, typer.Option("--min-score", help="Drop res
 PathPrefixOpt = Annotated[str | None, typer.Option("--path-prefix", help="Only images with a path under this.")]
 TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="Only images with any of these tags (repeatable).")]
 AllTagsOpt = Annotated[list[str] | None, typer.Option("--all-tags", help="Only images with all of these tags.")]
+VlmOpt = Annotated[str | None, typer.Option("--vlm", help="Generative model: hub id, directory or shipped name.")]
 SizeOpt = Annotated[int | None, typer.Option(help="Size bound in pixels or bytes.")]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -153,7 +154,16 @@ def make_filter(
 def _run_query(container: Container, collection: str | None, query: Query, as_json: bool) -> None:
     store = container.open_store(collection)
     encoder = container.encoder_for(store)
-    hits = search(store, encoder, query, max_k=container.settings.max_k)
+    vlm = container.vlm() if query.rerank or query.captions else None
+    hits = search(
+        store,
+        encoder,
+        query,
+        max_k=container.settings.max_k,
+        scorer=vlm,
+        captioner=vlm,
+        load_hit_image=container.load_hit_image,
+    )
     store.close()
     if as_json:
         emit_json(hit_rows(hits))
@@ -192,13 +202,21 @@ def search_command(
     max_height: SizeOpt = None,
     min_bytes: SizeOpt = None,
     max_bytes: SizeOpt = None,
+    rerank: Annotated[
+        bool, typer.Option("--rerank", help="Rescore the top candidates with the generative model.")
+    ] = False,
+    rerank_k: Annotated[int | None, typer.Option(help="Candidates to rescore (VLSEARCH_RERANK_K).")] = None,
+    fusion_weight: Annotated[float | None, typer.Option(help="1: rerank score alone; 0: CLIP alone.")] = None,
+    captions: Annotated[bool, typer.Option("--captions", help="Caption the results (cached per model).")] = False,
+    vlm: VlmOpt = None,
     collection: CollectionOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search a collection by text, an image, or both."""
-    container = container_for(model, pretrained)
+    """Search a collection by text, an image, or both; optionally reranked and captioned by the generative model."""
+    container = container_for(model, pretrained, vlm_model=vlm)
+    settings = container.settings
     if text is None and image is None:
         raise InvalidQuery("give a query text, --image, or both")
     bounds = dict(
@@ -219,6 +237,10 @@ def search_command(
         offset=offset,
         min_score=min_score,
         filter=make_filter(path_prefix, tag, all_tags, bounds),
+        rerank=rerank,
+        rerank_k=rerank_k if rerank_k is not None else settings.rerank_k,
+        fusion_weight=fusion_weight if fusion_weight is not None else settings.fusion_weight,
+        captions=captions,
         **(_image_or_id(image, container) if image else {}),
     )
     _run_query(container, collection, query, as_json)
@@ -349,6 +371,77 @@ def _delete_targets(store: VectorStore, targets: list[str]) -> int:
     for path, image_id in by_path.items():
         removed += int(detach_path(store, image_id, path))
     return removed
+
+
+@app.command()
+@reports_errors
+def caption(
+    ids: Annotated[
+        list[str] | None, typer.Argument(help="Stored image ids (default: every image without one).")
+    ] = None,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Caption again even where a caption is cached.")] = False,
+    vlm: VlmOpt = None,
+    collection: CollectionOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Caption stored images with the generative model; captions are cached in the payload per model."""
+    container = container_for(model, pretrained, vlm_model=vlm)
+    store = container.open_store(collection)
+    generator = container.vlm()
+    if ids:
+        records = store.get(ids)
+        unknown = sorted(set(ids) - {record.id for record in records})
+        if unknown:
+            raise InvalidQuery(f"no image with id {', '.join(unknown)} in collection {store.name!r}")
+    else:
+        records = list(store.scroll())
+    hits = [Hit(id=r.id, score=0.0, payload=r.payload) for r in records]
+    if refresh:  # forget this model's captions only; other models' stay cached
+        for hit in hits:
+            kept = {k: v for k, v in (hit.payload.get("captions") or {}).items() if k != generator.identity}
+            hit.payload = {**hit.payload, "captions": kept}
+    chunk = max(1, container.settings.vlm_chunk_size) * 4
+    for start in range(0, len(hits), chunk):  # saved as it goes: an interrupted run keeps what it captioned
+        add_captions(store, hits[start : start + chunk], generator, container.load_hit_image)
+    store.close()
+    rows = [{"id": hit.id, "path": hit.path, "caption": hit.payload["captions"][generator.identity]} for hit in hits]
+    if as_json:
+        emit_json(rows)
+    else:
+        for row in rows:
+            print(f"{row['id']}  {row['path']}  {row['caption']}")
+
+
+@app.command()
+@reports_errors
+def ask(
+    image: Annotated[str, typer.Argument(help="An image file, or the id of a stored image.")],
+    question: Annotated[str, typer.Argument(help="The question about the image.")],
+    vlm: VlmOpt = None,
+    collection: CollectionOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask the generative model a question about one image."""
+    container = container_for(model, pretrained, vlm_model=vlm)
+    source = _image_or_id(image, container)
+    if "image_id" in source:
+        store = container.open_store(collection)
+        records = store.get([source["image_id"]])
+        store.close()
+        if not records:
+            raise InvalidQuery(f"{image} is neither an image file nor an image id in collection {store.name!r}")
+        picture = container.load_hit_image(Hit(id=records[0].id, score=0.0, payload=records[0].payload))
+    else:
+        picture = source["image"]
+    answer = container.vlm().ask(picture, question)
+    if as_json:
+        emit_json({"image": image, "question": question, "answer": answer})
+    else:
+        print(answer)
 
 
 def main() -> None:

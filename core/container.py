@@ -6,17 +6,21 @@ import shutil
 import threading
 from pathlib import Path
 
+from PIL import Image
+
 from core.settings import Settings
-from indexer.decode import DecodeLimits
+from indexer.decode import DecodeLimits, load_image
 from indexer.encoder import LOCAL_DIR_PREFIX, ClipEncoder, EncoderSpec
-from indexer.errors import VlsearchError
+from indexer.errors import UnreadableFile, VlsearchError
 from models import MODELS_DIR
+from reranker.model import VisionLanguageModel, get_model
 from retriever.errors import CollectionNotFound
 from retriever.faiss_store import FaissStore
-from retriever.store import Manifest, VectorStore
+from retriever.store import Hit, Manifest, VectorStore
 
 # Models shipped in models/, addressable by these names from settings and the CLI.
 SHIPPED_CLIP_MODELS = {"shapes-clip": MODELS_DIR / "shapes-clip"}
+SHIPPED_VLM_MODELS = {"shapes-vlm": MODELS_DIR / "shapes-vlm"}
 CONFIG_DIRS = (MODELS_DIR / "configs",)
 
 
@@ -55,6 +59,31 @@ class Container:
                     config_dirs=CONFIG_DIRS,
                 )
             return self._encoders[key]
+
+    def vlm(self) -> VisionLanguageModel:
+        """The generative model of the settings, loaded once per process (reranker.model.get_model caches it)."""
+        source = self.settings.vlm_model
+        source = str(SHIPPED_VLM_MODELS.get(source, source))
+        return get_model(
+            source,
+            device=self.settings.vlm_device,
+            dtype=self.settings.vlm_dtype,
+            device_map=self.settings.vlm_device_map,
+            score_method=self.settings.vlm_score_method,
+            chunk_size=self.settings.vlm_chunk_size,
+            max_new_tokens=self.settings.vlm_max_new_tokens,
+            caption_prompt=self.settings.caption_prompt,
+        )
+
+    def load_hit_image(self, hit: Hit) -> Image.Image:
+        """The stored image behind a hit, decoded safely from the first of its paths that still exists."""
+        paths = [Path(p) for p in hit.payload.get("paths", [])]
+        existing = next((p for p in paths if p.exists()), None)
+        if existing is None:
+            raise UnreadableFile(
+                f"image {hit.id}", f"no longer on disk (paths: {', '.join(map(str, paths)) or 'none'})"
+            )
+        return load_image(existing, self.decode_limits).image
 
     def model_was_chosen(self) -> bool:
         """Whether the user named a model (flag or environment) rather than leaving the default."""

@@ -35,6 +35,19 @@ class Settings(BaseSettings):
     )
     template_max_words: int = 4  # queries of at most this many words get the ensemble
 
+    # Generative model (DeepSeek-VL): a hub id, a local directory, or a shipped name ("shapes-vlm").
+    vlm_model: str = "deepseek-community/deepseek-vl-1.3b-chat"
+    vlm_device: str = "auto"
+    vlm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    vlm_device_map: str | None = None  # e.g. "auto" to spread a model larger than one GPU
+    vlm_score_method: Literal["vqa", "caption"] | None = None  # None: the model's own preference, else vqa
+    vlm_chunk_size: int = 8  # candidates per forward: bounds peak memory
+    vlm_max_new_tokens: int = 32
+    caption_prompt: str | None = None  # None: the model's own (or "Describe the image in one short sentence.")
+    rerank_k: int = 20  # candidates the generative model rescores
+    fusion_weight: float = 1.0  # 1: order by the rerank score alone; 0: by CLIP alone
+    tag_threshold: float = 0.5
+
     # Store.
     store: Literal["faiss", "qdrant"] = "faiss"
     index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"

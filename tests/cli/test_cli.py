@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-import pytest
-from typer.testing import CliRunner
-
-from cli.main import app
+from tests.cli.conftest import run
 from tests.conftest import TINY_MODEL
-
-
-@pytest.fixture
-def cli_env(tmp_path: Path, tiny_checkpoint: Path) -> dict[str, str]:
-    return {
-        "VLSEARCH_DATA_DIR": str(tmp_path / "data"),
-        "VLSEARCH_CLIP_MODEL": TINY_MODEL,
-        "VLSEARCH_CLIP_PRETRAINED": str(tiny_checkpoint),
-        "VLSEARCH_DEVICE": "cpu",
-        "VLSEARCH_TEXT_TEMPLATES": '["{}"]',
-    }
-
-
-def run(env: dict[str, str], *args: str, ok: bool = True) -> Any:
-    result = CliRunner().invoke(app, list(args), env=env)
-    if ok:
-        assert result.exit_code == 0, result.output
-        return json.loads(result.stdout) if "--json" in args else result.stdout
-    return result
 
 
 def test_index_then_search_returns_ranked_hits_as_json(cli_env: dict[str, str], image_folder: Path) -> None:
