@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 from pathlib import Path
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -22,6 +23,7 @@ from retriever.store import Hit, Manifest, VectorStore
 SHIPPED_CLIP_MODELS = {"shapes-clip": MODELS_DIR / "shapes-clip"}
 SHIPPED_VLM_MODELS = {"shapes-vlm": MODELS_DIR / "shapes-vlm"}
 CONFIG_DIRS = (MODELS_DIR / "configs",)
+StoreKind = Literal["faiss", "qdrant"]
 
 
 def encoder_spec(model: str, pretrained: str | None) -> EncoderSpec:
@@ -100,19 +102,12 @@ class Container:
             raise VlsearchError(f"invalid collection name {name!r}: use letters, digits, '-' and '_'")
         return self.settings.collections_dir / name
 
-    def open_store(self, name: str | None = None) -> VectorStore:
-        """An existing collection; CollectionNotFound names it otherwise."""
-        name = name or self.settings.collection
-        self._check_store_kind()
-        directory = self.collection_dir(name)
-        if not (directory / "manifest.json").exists():
-            raise CollectionNotFound(f"no collection {name!r} in {self.settings.collections_dir} (VLSEARCH_DATA_DIR)")
-        return FaissStore.open(directory)
+    def open_store(self, name: str | None = None, kind: StoreKind | None = None) -> VectorStore:
+        """An existing collection of the settings' store (or of `kind`); CollectionNotFound names it otherwise."""
+        return self.store(name or self.settings.collection, None, kind or self.settings.store)
 
     def create_or_open_store(self, name: str | None, encoder: ClipEncoder) -> VectorStore:
         """The collection, created for this encoder if new; an existing one built by another encoder is refused."""
-        name = name or self.settings.collection
-        self._check_store_kind()
         manifest = Manifest(
             encoder=encoder.name,
             weights=encoder.identity,
@@ -122,20 +117,49 @@ class Container:
             store=self.settings.store,
             index_type=self.settings.index_type,
         )
-        store = FaissStore.open(self.collection_dir(name), manifest)
+        store = self.store(name or self.settings.collection, manifest, self.settings.store)
         store.manifest.check_encoder(encoder.name, encoder.identity, encoder.dim)
         return store
 
+    def store(self, name: str, manifest: Manifest | None, kind: StoreKind) -> VectorStore:
+        """The store factory: collection `name` in the FAISS or Qdrant store of the settings, created with manifest
+        when given and missing."""
+        directory = self.collection_dir(name)  # checks the name for both stores
+        if kind == "faiss":
+            if manifest is None and not (directory / "manifest.json").exists():
+                raise CollectionNotFound(
+                    f"no collection {name!r} in {self.settings.collections_dir} (VLSEARCH_DATA_DIR)"
+                )
+            return FaissStore.open(directory, manifest)
+        if kind == "qdrant":
+            from retriever.qdrant_store import QdrantStore  # imported when used: qdrant-client adds 1.5 s to startup
+
+            return QdrantStore.open(name, manifest, **self._qdrant_location())
+        raise VlsearchError(f"unknown store {kind!r}: use faiss or qdrant (VLSEARCH_STORE)")
+
+    def _qdrant_location(self) -> dict[str, Any]:
+        """Server mode when a URL is set, else embedded Qdrant under qdrant_dir."""
+        settings = self.settings
+        if settings.qdrant_url:
+            key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+            return {"url": settings.qdrant_url, "api_key": key}
+        return {"path": settings.qdrant_dir}
+
     def list_collections(self) -> list[str]:
+        if self.settings.store == "qdrant":
+            from retriever.qdrant_store import list_qdrant_collections
+
+            return list_qdrant_collections(**self._qdrant_location())
         root = self.settings.collections_dir
         return sorted(p.name for p in root.iterdir() if (p / "manifest.json").exists()) if root.is_dir() else []
 
     def drop_collection(self, name: str) -> None:
         directory = self.collection_dir(name)
+        if self.settings.store == "qdrant":
+            from retriever.qdrant_store import QdrantStore
+
+            QdrantStore.open(name, None, **self._qdrant_location()).drop()
+            return
         if not (directory / "manifest.json").exists():
             raise CollectionNotFound(f"no collection {name!r} in {self.settings.collections_dir} (VLSEARCH_DATA_DIR)")
         shutil.rmtree(directory)
-
-    def _check_store_kind(self) -> None:
-        if self.settings.store != "faiss":
-            raise VlsearchError(f"store {self.settings.store!r} is not available yet; set VLSEARCH_STORE=faiss")

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,9 +48,13 @@ class Settings(BaseSettings):
     fusion_weight: float = 1.0  # 1: order by the rerank score alone; 0: by CLIP alone
     tag_threshold: float = 0.5
 
-    # Store.
+    # Store. FAISS keeps collections under data_dir/collections; Qdrant on a server (qdrant_url, compose or a
+    # cluster) or embedded (no url: one directory per collection under qdrant_path, one process at a time).
     store: Literal["faiss", "qdrant"] = "faiss"
-    index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"
+    index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"  # Qdrant: flat (exact search) or hnsw
+    qdrant_url: str | None = None  # e.g. http://qdrant:6333
+    qdrant_api_key: SecretStr | None = None
+    qdrant_path: Path | None = None  # default: data_dir/qdrant
 
     # Indexing.
     batch_size: int = 32
@@ -65,6 +69,11 @@ class Settings(BaseSettings):
     @property
     def collections_dir(self) -> Path:
         return self.data_dir / "collections"
+
+    @property
+    def qdrant_dir(self) -> Path:
+        """Where embedded Qdrant keeps collections (used when qdrant_url is not set)."""
+        return self.qdrant_path or self.data_dir / "qdrant"
 
 
 @lru_cache(maxsize=1)

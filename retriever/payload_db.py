@@ -4,6 +4,10 @@ SQLite is the source of truth; the FAISS index is a cache derived from the `vect
 an integer `fid` (its FAISS id) that is never reused: a point whose vector changes gets a new fid. So an index
 entry (fid, vector) is valid exactly while that fid is in SQLite, and an index of any age can be brought up to
 date by set differences of fids alone.
+
+Keyword search: the FTS5 table `texts` holds, per fid, the words of the point's paths, tags and captions
+(`retriever.keywords.payload_text`, already tokenised) and their number; it changes in the same transactions
+as `points`, and `meta` keeps the corpus totals (documents with words, words) that BM25 normalises by.
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ from typing import Any
 
 import numpy as np
 
+from retriever.keywords import payload_words
 from retriever.store import Filter, Payload, Record
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the `texts` full-text index, built on open for collections made before it
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (
     fid INTEGER PRIMARY KEY,   -- the FAISS id
     id TEXT NOT NULL UNIQUE,
-    payload TEXT NOT NULL      -- JSON; a later FTS5 table can index paths/tags/captions by fid
+    payload TEXT NOT NULL      -- JSON; its words are in `texts` under the same fid
 );
 -- Apart from `points` so that filter scans over payloads do not read a 2 KB blob per row.
 CREATE TABLE IF NOT EXISTS vectors (
@@ -37,8 +42,16 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
-INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1), ('generation', 0), ('next_fid', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1), ('generation', 0), ('next_fid', 0),
+    ('text_documents', 0), ('text_words', 0);
 """
+
+# The body is pre-tokenised text (words joined by spaces); remove_diacritics 0 keeps FTS5 from folding a word
+# that the tokenizer in retriever/keywords.py (and Qdrant's) keeps as it is.
+_TEXT_SCHEMA = (
+    "CREATE VIRTUAL TABLE texts USING fts5(body, length UNINDEXED, tokenize = 'unicode61 remove_diacritics 0')",
+    "CREATE VIRTUAL TABLE texts_vocab USING fts5vocab(texts, row)",  # documents per word, for idf
+)
 
 _FLOAT32 = np.dtype("<f4")
 
@@ -132,6 +145,28 @@ class PayloadDB:
         # NORMAL: a commit survives a process crash; `checkpoint()` (in save) makes it survive power loss
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
+        self._ensure_texts()
+
+    def _ensure_texts(self) -> None:
+        """Create the full-text index, filling it from `points` when the collection predates it."""
+        exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'texts'"
+        if self._conn.execute(exists).fetchone():
+            return
+        with self._transaction() as conn:
+            if conn.execute(exists).fetchone():
+                return  # another process made it meanwhile
+            for statement in _TEXT_SCHEMA:
+                conn.execute(statement)
+            last = -1
+            while True:
+                rows = conn.execute(
+                    "SELECT fid, payload FROM points WHERE fid > ? ORDER BY fid LIMIT 10000", (last,)
+                ).fetchall()
+                if not rows:
+                    break
+                self._index_texts([(fid, json.loads(text)) for fid, text in rows])
+                last = rows[-1][0]
+            self._set_meta("schema_version", SCHEMA_VERSION)
 
     def close(self) -> None:
         self._conn.close()
@@ -151,6 +186,28 @@ class PayloadDB:
 
     def _set_meta(self, key: str, value: int) -> None:
         self._conn.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+
+    def _index_texts(self, rows: Sequence[tuple[int, Payload]]) -> None:
+        """Add the words of (fid, payload) rows to `texts`; rows without words are left out of the corpus."""
+        entries = [(fid, " ".join(words), len(words)) for fid, payload in rows if (words := payload_words(payload))]
+        if entries:
+            self._conn.executemany("INSERT INTO texts (rowid, body, length) VALUES (?, ?, ?)", entries)
+            self._add_text_totals(len(entries), sum(length for _, _, length in entries))
+
+    def _unindex_texts(self, fids: Sequence[int]) -> None:
+        """Remove the words of fids from `texts` (one statement per fid: FTS5 looks up rowid = ? directly)."""
+        lengths = [
+            row[0]
+            for fid in fids
+            if (row := self._conn.execute("SELECT length FROM texts WHERE rowid = ?", (fid,)).fetchone())
+        ]
+        if lengths:
+            self._conn.executemany("DELETE FROM texts WHERE rowid = ?", [(fid,) for fid in fids])
+            self._add_text_totals(-len(lengths), -sum(lengths))
+
+    def _add_text_totals(self, documents: int, words: int) -> None:
+        self._set_meta("text_documents", self._meta("text_documents") + documents)
+        self._set_meta("text_words", self._meta("text_words") + words)
 
     @property
     def generation(self) -> int:
@@ -191,6 +248,7 @@ class PayloadDB:
             same_set = set(same)
             changed = [i for i in rows if i not in same_set]
             removed = [existing[ids[i]][0] for i in changed if ids[i] in existing]
+            self._unindex_texts([*removed, *(existing[ids[i]][0] for i in same)])
             if removed:
                 removed_json = _as_json_array(removed)
                 conn.execute(
@@ -210,6 +268,10 @@ class PayloadDB:
                 [(int(fid), blobs[i]) for fid, i in zip(fids, changed, strict=True)],
             )
             conn.executemany("UPDATE points SET payload = ? WHERE id = ?", [(texts[i], ids[i]) for i in same])
+            self._index_texts(
+                [(int(fid), payloads[i]) for fid, i in zip(fids, changed, strict=True)]
+                + [(existing[ids[i]][0], payloads[i]) for i in same]
+            )
             if changed:
                 self._set_meta("next_fid", first_fid + len(changed))
                 self._set_meta("generation", self._meta("generation") + 1)
@@ -239,6 +301,7 @@ class PayloadDB:
                 conn.execute(
                     "DELETE FROM vectors WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,)
                 )
+                self._unindex_texts(removed)
                 self._set_meta("generation", self._meta("generation") + 1)
             generation = self._meta("generation")
         return VectorChanges(
@@ -250,9 +313,15 @@ class PayloadDB:
 
     def set_payload(self, id: str, payload: Payload) -> bool:
         """Replace one point's payload; False when the id does not exist."""
+        text = encode_payload(payload)
         with self._transaction() as conn:
-            cursor = conn.execute("UPDATE points SET payload = ? WHERE id = ?", (encode_payload(payload), id))
-        return cursor.rowcount > 0
+            row = conn.execute("SELECT fid FROM points WHERE id = ?", (id,)).fetchone()
+            if row is None:
+                return False
+            conn.execute("UPDATE points SET payload = ? WHERE fid = ?", (text, row[0]))
+            self._unindex_texts([row[0]])
+            self._index_texts([(row[0], payload)])
+        return True
 
     # --- reads --------------------------------------------------------------------------------------------
 
@@ -332,6 +401,28 @@ class PayloadDB:
             )
             yield fids, matrix.astype(np.float32)
             after = int(fids[-1])
+
+    def text_statistics(self, terms: Sequence[str]) -> tuple[int, int, dict[str, int]]:
+        """(documents with words, words in all of them, documents holding each term) over the whole collection."""
+        containing: dict[str, int] = {}
+        for term in terms:
+            row = self._conn.execute("SELECT doc FROM texts_vocab WHERE term = ?", (term,)).fetchone()
+            containing[term] = int(row[0]) if row else 0
+        return self._meta("text_documents"), self._meta("text_words"), containing
+
+    def text_matches(self, terms: Sequence[str], filter: Filter | None) -> list[tuple[int, str, str]]:
+        """(fid, id, indexed words) of every point matching filter whose words include any of terms."""
+        if not terms:
+            return []
+        # each term quoted: FTS5 reads it as a string, never as an operator (OR, NOT, NEAR) or a column filter
+        match = " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
+        condition, params = filter_sql(filter)
+        rows = self._conn.execute(
+            "SELECT points.fid, points.id, texts.body FROM texts JOIN points ON points.fid = texts.rowid "
+            f"WHERE texts MATCH ? AND {condition}",
+            [match, *params],
+        )
+        return [(int(fid), point_id, body) for fid, point_id, body in rows]
 
     def ids_and_payloads(self, fids: np.ndarray) -> dict[int, tuple[str, str]]:
         """fid -> (id, payload JSON text) for the fids that exist."""

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from indexer.encoder import ClipEncoder
 from retriever.errors import InvalidQuery
+from retriever.fusion import reciprocal_rank_fusion
 from retriever.store import Filter, Hit, VectorStore
 
 _T = TypeVar("_T")
 MAX_RERANK_K = 200  # the generative model scores each candidate: bound the cost of one query
+SearchMode = Literal["clip", "keyword", "hybrid"]
+SEARCH_MODES: tuple[SearchMode, ...] = ("clip", "keyword", "hybrid")
+# Hybrid fuses at least this many hits of each ranking, so a page does not depend on how deep it lies while
+# offset + k stays within it (a deeper page fuses deeper lists).
+HYBRID_DEPTH = 100
 
 
 class Scorer(Protocol):
@@ -37,6 +43,9 @@ ImageLoader = Callable[[Hit], Image.Image]
 
 @dataclass(frozen=True)
 class Query:
+    """What to look for and how to rank it. `mode`: clip (embeddings), keyword (BM25 over paths, tags and
+    captions) or hybrid (reciprocal-rank fusion of both); min_score bounds the CLIP score."""
+
     text: str | None = None
     image: Image.Image | None = None  # a decoded image (file or upload)
     image_id: str | None = None  # or a stored image, by id
@@ -52,12 +61,21 @@ class Query:
     rerank_k: int = 20
     fusion_weight: float = 1.0  # 1.0 = order by rerank score alone; 0.0 = by CLIP alone; between: fused
     captions: bool = False
+    mode: SearchMode = "clip"
 
 
 def validate(query: Query, max_k: int) -> None:
     """Refuse queries that cannot be answered as asked, with a message saying why."""
+    if query.mode not in SEARCH_MODES:
+        raise InvalidQuery(f"mode must be one of {', '.join(SEARCH_MODES)}, got {query.mode!r}")
     if not query.text and query.image is None and query.image_id is None:
         raise InvalidQuery("a query needs text, an image or an image id")
+    if query.mode != "clip" and not query.text:
+        raise InvalidQuery(f"{query.mode} mode needs query text: it matches words of file names, tags and captions")
+    if query.mode == "keyword" and (query.image is not None or query.image_id or query.negative):
+        raise InvalidQuery("keyword mode matches words only: use hybrid mode to add an image or a negative text")
+    if query.mode == "keyword" and query.min_score is not None:
+        raise InvalidQuery("min_score bounds the CLIP score: it applies to clip and hybrid modes, not keyword")
     if not 1 <= query.k <= max_k:
         raise InvalidQuery(f"k must be between 1 and {max_k}, got {query.k}")
     if query.offset < 0:
@@ -102,26 +120,42 @@ def search(
     captioner: Captioner | None = None,
     load_hit_image: ImageLoader | None = None,
 ) -> list[Hit]:
-    """Hits offset..offset+k: by CLIP score, or among the top rerank_k by the scorer (fused with CLIP if asked)."""
+    """Hits offset..offset+k of the query's mode, or among its top rerank_k by the scorer (fused if asked)."""
     validate(query, max_k)
-    vector = query_vector(query, encoder, store)
-    if query.image_id is not None:
-        # "More like this one" should not return the image itself: fetch one more and drop it.
-        hits = store.search(vector, query.offset + query.k + 1, query.filter, query.min_score, 0)
-        hits = [hit for hit in hits if hit.id != query.image_id]
-        if query.rerank:
-            hits = rerank(query.text or "", hits, _require(scorer), _require(load_hit_image), query.fusion_weight)
-        hits = hits[query.offset : query.offset + query.k]
-    elif not query.rerank:
-        hits = store.search(vector, query.k, query.filter, query.min_score, query.offset)
-    else:
-        window = max(query.rerank_k, query.offset + query.k)
-        candidates = store.search(vector, window, query.filter, query.min_score, 0)
-        hits = rerank(query.text or "", candidates, _require(scorer), _require(load_hit_image), query.fusion_weight)
-        hits = hits[query.offset : query.offset + query.k]
+    window = query.offset + query.k
+    if query.rerank:
+        window = max(query.rerank_k, window)
+    hits = ranking(store, encoder, query, window)
+    if query.rerank:
+        hits = rerank(query.text or "", hits, _require(scorer), _require(load_hit_image), query.fusion_weight)
+    hits = hits[query.offset : query.offset + query.k]
     if query.captions:
         add_captions(store, hits, _require(captioner), _require(load_hit_image))
     return hits
+
+
+def ranking(store: VectorStore, encoder: ClipEncoder, query: Query, depth: int) -> list[Hit]:
+    """The best `depth` hits of the query's mode, from the first: by CLIP score, by BM25, or both fused by rank.
+
+    A query by stored image id never returns that image ("more like this one").
+    """
+    extra = 0 if query.image_id is None else 1  # fetch one more to make up for the query image
+    lists_depth = max(depth, HYBRID_DEPTH) if query.mode == "hybrid" else depth
+
+    def clip() -> list[Hit]:
+        vector = query_vector(query, encoder, store)
+        hits = store.search(vector, lists_depth + extra, query.filter, query.min_score)
+        return [hit for hit in hits if hit.id != query.image_id][:lists_depth]
+
+    def keyword() -> list[Hit]:
+        hits = store.keyword_search(query.text or "", lists_depth + extra, query.filter)
+        return [hit for hit in hits if hit.id != query.image_id][:lists_depth]
+
+    if query.mode == "clip":
+        return clip()
+    if query.mode == "keyword":
+        return keyword()
+    return reciprocal_rank_fusion([clip(), keyword()])[:depth]
 
 
 def _require(component: _T | None) -> _T:

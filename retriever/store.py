@@ -9,7 +9,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from retriever.errors import EncoderMismatch
+from indexer.errors import VlsearchError
+from retriever.errors import EncoderMismatch, InvalidQuery
 
 Payload = dict[str, Any]
 """An image's metadata. Keys the pipeline writes: `paths` (list[str], every file with these bytes),
@@ -99,7 +100,8 @@ class Record:
 
 @dataclass
 class Hit:
-    """One search result. `score` is the inner product (cosine) with the query vector."""
+    """One search result. `score` ranks it in its mode: the inner product (cosine) with the query vector for
+    vector search, BM25 for keyword search, the reciprocal-rank-fusion score for hybrid search."""
 
     id: str
     score: float
@@ -111,6 +113,14 @@ class Hit:
     def path(self) -> str | None:
         paths = self.payload.get("paths") or []
         return str(paths[0]) if paths else None
+
+
+def check_page(k: int, offset: int) -> None:
+    """Raise InvalidQuery unless k >= 1 and offset >= 0."""
+    if k < 1:
+        raise InvalidQuery(f"k must be at least 1, got {k}")
+    if offset < 0:
+        raise InvalidQuery(f"offset must be at least 0, got {offset}")
 
 
 @runtime_checkable
@@ -155,8 +165,63 @@ class VectorStore(Protocol):
         """Hits offset..offset+k by descending score (ties by id), restricted by filter and min_score."""
         ...
 
+    def keyword_search(self, text: str, k: int, filter: Filter | None = None, offset: int = 0) -> list[Hit]:
+        """Hits offset..offset+k holding any word of text in their paths, tags or captions, by descending BM25
+        (ties by id; see retriever/keywords.py), restricted by filter. Text without words finds nothing."""
+        ...
+
     def save(self) -> None:
         """Make every change so far durable (atomic: a crash leaves the previous state loadable)."""
         ...
 
     def close(self) -> None: ...
+
+
+class MigrationIncomplete(VlsearchError):
+    """After a copy between stores the target does not hold what the source holds."""
+
+
+@dataclass(frozen=True)
+class CopyReport:
+    """What `copy_points` did: points copied, and the counts of both collections afterwards."""
+
+    copied: int
+    source_count: int
+    target_count: int
+
+
+def copy_points(source: VectorStore, target: VectorStore, batch_size: int = 1000) -> CopyReport:
+    """Copy every point of source (vector and payload) into target, save it, and check that the counts agree.
+
+    Upserts are idempotent, so an interrupted copy is finished by running it again.
+    """
+    asked, built = target.manifest, source.manifest
+    if (asked.encoder, asked.weights, asked.dim) != (built.encoder, built.weights, built.dim):
+        raise EncoderMismatch(
+            f"collection {source.name!r} was built with {built.encoder!r} (weights {built.weights}, dim {built.dim}); "
+            f"the target {target.name!r} holds {asked.encoder!r} (weights {asked.weights}, dim {asked.dim})"
+        )
+    copied = 0
+    batch: list[Record] = []
+
+    def flush() -> None:
+        nonlocal copied
+        vectors = np.stack([record.vector for record in batch if record.vector is not None])
+        target.upsert([record.id for record in batch], vectors, [record.payload for record in batch])
+        copied += len(batch)
+        batch.clear()
+
+    for record in source.scroll(batch_size=batch_size, with_vectors=True):
+        batch.append(record)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    target.save()
+    report = CopyReport(copied, source.count(), target.count())
+    if report.target_count != report.source_count:
+        raise MigrationIncomplete(
+            f"copied {copied} points from {source.name!r}, which holds {report.source_count}, but the target "
+            f"{target.name!r} holds {report.target_count}: it had other points already; drop it and copy again"
+        )
+    return report

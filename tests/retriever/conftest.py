@@ -1,7 +1,7 @@
 """Store fixtures: `store` is one fresh collection per backend; `reopen` closes it and opens it again.
 
 A backend is a function that opens the collection kept at a directory (creating it when given a manifest).
-Adding one, e.g. Qdrant in embedded mode, is one entry in BACKENDS; the contract suite then runs on it too.
+Each is one entry in BACKENDS (FAISS, and Qdrant in embedded local mode); the contract suite runs on every one.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import faiss
 import pytest
 
 from retriever.faiss_store import FaissStore
+from retriever.qdrant_store import QdrantStore
 from retriever.store import Manifest, VectorStore
 
 Opener = Callable[[Path, Manifest | None], VectorStore]
@@ -24,7 +25,12 @@ def _open_faiss(directory: Path, manifest: Manifest | None) -> VectorStore:
     return FaissStore.open(directory, manifest)
 
 
-BACKENDS: dict[str, Opener] = {"faiss": _open_faiss}
+def _open_qdrant(directory: Path, manifest: Manifest | None) -> VectorStore:
+    """Qdrant in embedded local mode: the collection's own storage directory is `directory`."""
+    return QdrantStore.open(directory.name, manifest, path=directory.parent)
+
+
+BACKENDS: dict[str, Opener] = {"faiss": _open_faiss, "qdrant": _open_qdrant}
 
 CONTRACT_DIM = 16
 

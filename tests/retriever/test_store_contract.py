@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -347,3 +349,143 @@ def test_writes_after_a_save_survive_reopen(
     assert again.count() == len(points.ids) + 30 - 2
     assert again.search(more.vectors[0], k=1)[0].id == more.ids[0]
     assert again.get(points.ids[:2]) == []
+
+
+# --- keyword search ----------------------------------------------------------------------------------------
+
+CAPTION_WORDS = ("a", "red", "sofa", "cat", "sleeping", "on", "the", "beach", "at", "night", "dog", "window")
+
+
+def reference_words(payload: Payload) -> list[str]:
+    """The words a payload is searchable by, spelled out independently of retriever/keywords.py."""
+    texts = [*payload.get("paths", []), *payload.get("tags", []), *payload.get("captions", {}).values()]
+    return [word.lower() for text in texts for word in re.findall(r"[^\W_]+", text)]
+
+
+def reference_bm25(points: Points, text: str, filter: Filter | None = None) -> list[tuple[str, float]]:
+    """BM25 (k1 1.2, b 0.75, idf ln(1 + (N - df + .5) / (df + .5)) over every point with words), by score then id."""
+    corpus = {pid: words for pid, p in zip(points.ids, points.payloads, strict=True) if (words := reference_words(p))}
+    average = sum(map(len, corpus.values())) / len(corpus)
+    terms = {word.lower() for word in re.findall(r"[^\W_]+", text)}
+    ranked = []
+    for pid, words in corpus.items():
+        payload = points.payloads[points.ids.index(pid)]
+        if filter is not None and not filter.matches(payload):
+            continue
+        score = 0.0
+        for term in terms:
+            df = sum(term in other for other in corpus.values())
+            tf = words.count(term)
+            if tf:
+                idf = math.log((len(corpus) - df + 0.5) / (df + 0.5) + 1)
+                score += idf * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * len(words) / average))
+        if score > 0:
+            ranked.append((pid, score))
+    return sorted(ranked, key=lambda hit: (-hit[1], hit[0]))
+
+
+@pytest.fixture
+def worded() -> Points:
+    """Points whose words vary: paths and tags as in make_points, and captions of 0 to 9 words on two in three."""
+    points = make_points(240, seed=3)
+    rng = np.random.default_rng(4)
+    for payload in points.payloads[::3] + points.payloads[1::3]:
+        words = rng.choice(CAPTION_WORDS, size=int(rng.integers(0, 10)))
+        payload["captions"] = {"tiny-vlm": " ".join(words)}
+    return points
+
+
+@pytest.fixture
+def worded_store(store: VectorStore, worded: Points) -> VectorStore:
+    store.upsert(worded.ids, worded.vectors, worded.payloads)
+    return store
+
+
+KEYWORD_QUERIES = ["cat", "red sofa", "Night dog window", "archive 17", "sofa sofa", "misc beach outdoor"]
+
+
+@pytest.mark.parametrize("text", KEYWORD_QUERIES)
+def test_keyword_search_ranks_like_bm25_over_paths_tags_and_captions(
+    worded_store: VectorStore, worded: Points, text: str
+) -> None:
+    expected = reference_bm25(worded, text)
+    assert len(expected) > 20  # every query matches many points, with scores that differ
+    assert_same_ranking(worded_store.keyword_search(text, k=20), expected[:20], tol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["path_prefix", "tags_all", "min_width", "combined", "matches_nothing"])
+def test_keyword_search_with_a_filter_ranks_only_matches(worded_store: VectorStore, worded: Points, name: str) -> None:
+    filter = FILTERS[name]
+    hits = worded_store.keyword_search("red cat night", k=15, filter=filter)
+    assert all(filter.matches(hit.payload) for hit in hits)
+    assert_same_ranking(hits, reference_bm25(worded, "red cat night", filter)[:15], tol=1e-4)
+
+
+def test_keyword_search_finds_words_inside_file_and_folder_names(store: VectorStore) -> None:
+    vectors = isotropic(4, CONTRACT_DIM, seed=20)
+    store.upsert(
+        ["lisbon", "porto", "home", "words"],
+        vectors,
+        [
+            {"paths": ["/photos/2019_Lisbon-trip/IMG_001.jpg"]},
+            {"paths": ["/photos/porto/DSC0042.JPG"], "tags": ["lisbonesque"]},
+            {"paths": ["/photos/home/sofa.png"]},
+            {"paths": ["/photos/Not Near/or.png"]},
+        ],
+    )
+    assert [hit.id for hit in store.keyword_search('NOT "or" near*', k=5)] == ["words"]  # words, not operators
+    for text in ("lisbon", "LISBON", "trip 2019", "img_001", "IMG 001"):
+        assert [hit.id for hit in store.keyword_search(text, k=5)] == ["lisbon"], text
+    assert [hit.id for hit in store.keyword_search("dsc0042 jpg", k=5)] == ["porto", "lisbon"]
+    assert store.keyword_search("lisb", k=5) == []  # whole words only
+    assert store.keyword_search("?!", k=5) == []  # no words, no hits
+
+
+def test_keyword_search_follows_payload_changes(worded_store: VectorStore, worded: Points) -> None:
+    target, other = worded.ids[0], worded.ids[1]
+    new_payload = {"paths": ["/x.jpg"], "captions": {"tiny-vlm": "a zebra crossing"}}
+    worded_store.set_payload(target, new_payload)
+    assert [hit.id for hit in worded_store.keyword_search("zebra", k=5)] == [target]
+    old_words = set(reference_words(worded.payloads[0])) - set(reference_words(new_payload))
+    assert old_words
+    hits = {hit.id for word in old_words for hit in worded_store.keyword_search(word, k=240)}
+    assert target not in hits
+    worded_store.upsert([other], worded.vectors[1:2], [{"paths": ["/y.jpg"], "tags": ["zebra"]}])
+    assert {hit.id for hit in worded_store.keyword_search("zebra", k=5)} == {target, other}
+    worded_store.delete([target])
+    assert [hit.id for hit in worded_store.keyword_search("zebra crossing", k=5)] == [other]
+
+
+def test_keyword_pages_concatenated_equal_one_big_search(worded_store: VectorStore) -> None:
+    pages = [worded_store.keyword_search("cat night", k=7, offset=7 * page) for page in range(6)]
+    big = worded_store.keyword_search("cat night", k=42)
+    assert len(big) == 42
+    assert [hit.id for page in pages for hit in page] == [hit.id for hit in big]
+
+
+def test_keyword_ties_are_broken_by_id_also_across_pages(store: VectorStore) -> None:
+    tied_ids = [point_id(i) for i in range(10)]
+    payloads = [{"paths": ["/same/name.jpg"], "tags": ["beach"]} for _ in tied_ids]
+    store.upsert(tied_ids, isotropic(10, CONTRACT_DIM, seed=21), payloads)
+    store.upsert(
+        ["zz-better", "00-worse"],
+        isotropic(2, CONTRACT_DIM, seed=22),
+        [{"paths": ["/beach/beach.jpg"], "tags": ["beach"]}, {"paths": ["/beach/other/place/name.jpg"]}],
+    )
+    pages = [store.keyword_search("beach", k=4, offset=4 * page) for page in range(3)]
+    assert [hit.id for page in pages for hit in page] == ["zz-better", *sorted(tied_ids), "00-worse"]
+
+
+def test_keyword_search_hits_carry_payloads_and_survive_reopen(
+    worded_store: VectorStore, worded: Points, reopen: Callable[..., VectorStore]
+) -> None:
+    before = worded_store.keyword_search("sofa beach", k=10)
+    assert all(hit.payload == worded.payloads[worded.ids.index(hit.id)] for hit in before)
+    assert reopen(worded_store).keyword_search("sofa beach", k=10) == before
+
+
+def test_invalid_keyword_k_and_offset_are_refused(worded_store: VectorStore) -> None:
+    with pytest.raises(InvalidQuery, match="k"):
+        worded_store.keyword_search("cat", k=0)
+    with pytest.raises(InvalidQuery, match="offset"):
+        worded_store.keyword_search("cat", k=3, offset=-1)

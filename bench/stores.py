@@ -1,0 +1,261 @@
+"""Vector stores side by side: build time, memory per vector, queries/s and recall@10, and the store's overhead.
+
+    .venv/bin/python -m bench.stores [--sizes 200000 1000000] [--queries 200] [--isotropic-size 100000]
+
+By default every store runs at 200k, and at 1M FAISS flat and IVF-PQ: on a 2-core machine an HNSW build of 1M
+would take the run far past 20 minutes, and Qdrant local mode (brute force in Python, about 17 KB of RAM a point)
+cannot hold 1M. Isotropic data, for the record, goes to the approximate indexes only: flat FAISS and Qdrant local
+search exactly, so their recall is 1 and their cost the same on any data.
+
+Data: seeded unit vectors of dimension 512 from bench/synthetic_vectors.py, shaped like CLIP embeddings
+(`embedding_like`, base and queries drawn in one call) and, for the record, isotropic (the worst case for ANN).
+Each configuration is built through the store itself (SQLite, the FTS index and the FAISS index; for Qdrant, embedded
+local mode), with ids like content hashes and a file path per point, in upserts of 10,000, then saved.
+
+Columns: build s (upserts + save); index B/vec (the FAISS index in memory = its serialised size, per vector; for
+Qdrant local, the process RSS that opening the collection adds, per vector); disk B/vec (the collection directory);
+q/s (one query at a time through `store.search(k=10)`, one thread); recall@10 (against exact inner-product search).
+search/bare: time of `store.search` over the bare faiss call on the same index with the same parameters (k=10,
+efSearch, nprobe), one thread; bare recall: that call's recall@10 (the store re-scores IVF-PQ candidates exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from bench.synthetic_vectors import embedding_like, isotropic
+from retriever.faiss_store import FaissStore
+from retriever.qdrant_store import QdrantStore
+from retriever.store import Manifest, VectorStore
+
+DIM = 512
+K = 10
+UPSERT_BATCH = 10_000
+OVERHEAD_QUERIES = 100
+KINDS = ("flat", "hnsw", "ivfpq", "qdrant")
+
+
+@dataclass
+class Row:
+    data: str
+    n: int
+    kind: str
+    build_s: float
+    index_bytes: float
+    disk_bytes: float
+    qps: float
+    recall: float
+    overhead: float | None = None
+    bare_recall: float | None = None
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def release_free_memory() -> None:
+    """Hand freed heap back to the OS (glibc), so that RSS shows what is held."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def exact_top_k(base: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Row numbers of the exact top K of every query (inner product), with all cores."""
+    index = faiss.IndexFlatIP(DIM)
+    index.add(base)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    _, rows = index.search(queries, K)
+    return rows
+
+
+def point_ids(n: int) -> list[str]:
+    return [f"{i:032x}" for i in range(n)]  # 32 hex digits like content hashes; row i has id i
+
+
+def build(kind: str, directory: Path, base: np.ndarray) -> tuple[VectorStore, float]:
+    manifest = Manifest(
+        encoder="bench",
+        weights="synthetic",
+        dim=DIM,
+        store="qdrant" if kind == "qdrant" else "faiss",
+        index_type="flat" if kind == "qdrant" else kind,
+    )
+    ids = point_ids(len(base))
+    started = time.perf_counter()
+    store: VectorStore
+    if kind == "qdrant":
+        store = QdrantStore.open("bench", manifest, path=directory, batch_size=1000)
+    else:
+        store = FaissStore.open(directory / "bench", manifest)
+    for start in range(0, len(base), UPSERT_BATCH):
+        rows = slice(start, start + UPSERT_BATCH)
+        store.upsert(ids[rows], base[rows], [{"paths": [f"/bench/{i:07d}.jpg"]} for i in range(start, rows.stop)])
+    store.save()
+    return store, time.perf_counter() - started
+
+
+def query_rate_and_recall(store: VectorStore, queries: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    faiss.omp_set_num_threads(1)  # one query at a time, as a service answers them
+    found = []
+    started = time.perf_counter()
+    for query in queries:
+        found.append([int(hit.id, 16) for hit in store.search(query, K)])
+    seconds = time.perf_counter() - started
+    recall = np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True)])
+    return len(queries) / seconds, float(recall)
+
+
+def bare_search(store: FaissStore) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The faiss call the store makes, on the same index with the same parameters, for K results."""
+    index = store._index.index  # the bench measures the store against its own index
+    params: Any
+    if store.manifest.index_type == "hnsw":
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from faiss's stubs
+        params.efSearch = store.settings.hnsw_ef_search
+    elif store.manifest.index_type == "ivfpq":
+        params = faiss.SearchParametersIVF()
+        params.nprobe = store.settings.ivf_nprobe
+    else:
+        params = faiss.SearchParameters()
+    return lambda query: index.search(query[None, :], K, params=params)  # (scores, fids)
+
+
+def overhead(store: FaissStore, queries: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(time of store.search / time of the bare faiss call, recall@10 of the bare call), one thread.
+
+    The two alternate query by query, each going first every other time: load on a shared machine hits both
+    alike, and neither profits from the caches the other warmed more often than it warms them for the other.
+    """
+    faiss.omp_set_num_threads(1)
+    bare = bare_search(store)
+    seconds = {"bare": 0.0, "store": 0.0}
+    recalls = []
+    for repeat in range(2):  # each query twice, once with either first
+        for i, (query, rows) in enumerate(zip(queries, truth, strict=True)):
+            for which in ("bare", "store") if (i + repeat) % 2 else ("store", "bare"):
+                started = time.perf_counter()
+                if which == "bare":
+                    _, fids = bare(query)
+                else:
+                    store.search(query, K)
+                seconds[which] += time.perf_counter() - started
+            recalls.append(len(set(fids[0].tolist()) & set(rows.tolist())) / K)  # fid i is row i: inserted in order
+    return seconds["store"] / seconds["bare"], float(np.mean(recalls))
+
+
+def index_bytes(store: VectorStore, kind: str, n: int, opened_rss: int) -> float:
+    if isinstance(store, FaissStore):
+        return len(faiss.serialize_index(store._index.index)) / n
+    return opened_rss / n
+
+
+def measure(data: str, kind: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, workdir: Path) -> Row:
+    n = len(base)
+    directory = workdir / f"{data}-{kind}-{n}"
+    directory.mkdir()
+    log(f"{data} n={n} {kind}: building")
+    store, build_s = build(kind, directory, base)
+    opened_rss = 0
+    if kind == "qdrant":  # its memory: what reopening the collection adds to this process
+        store.close()
+        gc.collect()
+        release_free_memory()
+        before = rss_bytes()
+        store = QdrantStore.open("bench", None, path=directory)
+        gc.collect()
+        release_free_memory()  # loading unpickles every point through Python lists: count what stays, not the peak
+        opened_rss = rss_bytes() - before
+    log(f"{data} n={n} {kind}: built in {build_s:.1f}s; querying")
+    qps, recall = query_rate_and_recall(store, queries, truth)
+    disk = directory_bytes(directory) / n
+    row = Row(data, n, kind, build_s, index_bytes(store, kind, n, opened_rss), disk, qps, recall)
+    if isinstance(store, FaissStore):
+        row.overhead, row.bare_recall = overhead(store, queries[:OVERHEAD_QUERIES], truth[:OVERHEAD_QUERIES])
+    store.close()
+    del store
+    gc.collect()
+    shutil.rmtree(directory)
+    return row
+
+
+def print_table(rows: list[Row]) -> None:
+    print(
+        f"{'data':<10} {'n':>9} {'store':<12} {'build s':>8} {'index B/vec':>11} {'disk B/vec':>10} "
+        f"{'q/s':>8} {'recall@10':>9} {'search/bare':>11} {'bare recall':>11}"
+    )
+    for row in rows:
+        name = "qdrant-local" if row.kind == "qdrant" else f"faiss-{row.kind}"
+        ratio = f"{row.overhead:.2f}x" if row.overhead is not None else "-"
+        bare = f"{row.bare_recall:.3f}" if row.bare_recall is not None else "-"
+        print(
+            f"{row.data:<10} {row.n:>9} {name:<12} {row.build_s:>8.1f} {row.index_bytes:>11.0f} "
+            f"{row.disk_bytes:>10.0f} {row.qps:>8.1f} {row.recall:>9.3f} {ratio:>11} {bare:>11}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--all-kinds-up-to", type=int, default=200_000, help="larger sizes run --large-kinds only")
+    parser.add_argument("--large-kinds", nargs="*", default=["flat", "ivfpq"], choices=KINDS)
+    parser.add_argument("--isotropic-size", type=int, default=100_000, help="0 to leave isotropic data out")
+    parser.add_argument("--isotropic-kinds", nargs="*", default=["hnsw", "ivfpq"], choices=KINDS)
+    parser.add_argument("--workdir", type=Path, default=None, help="where collections are built (default: a temp dir)")
+    args = parser.parse_args()
+
+    print(f"machine: {os.cpu_count()} cores, faiss {faiss.__version__}, {args.queries} queries, k={K}, dim {DIM}")
+    started = time.perf_counter()
+    rows: list[Row] = []
+    skipped: list[str] = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as temp:
+        workdir = Path(temp)
+        largest = max(args.sizes)
+        log(f"generating {largest} embedding-like vectors + {args.queries} queries")
+        vectors = embedding_like(largest + args.queries, dim=DIM, seed=0)  # base and queries in one draw
+        plan: list[tuple[str, np.ndarray, np.ndarray, list[str]]] = []
+        for n in sorted(args.sizes):
+            kinds = list(KINDS) if n <= args.all_kinds_up_to else args.large_kinds
+            skipped += [f"embedding {kind}@{n}" for kind in KINDS if kind not in kinds]
+            plan.append(("embedding", vectors[:n], vectors[largest:], kinds))
+        if args.isotropic_size:
+            iso = isotropic(args.isotropic_size + args.queries, DIM, seed=0)
+            plan.append(("isotropic", iso[: args.isotropic_size], iso[args.isotropic_size :], args.isotropic_kinds))
+            skipped += [f"isotropic {k}@{args.isotropic_size}" for k in KINDS if k not in args.isotropic_kinds]
+        for data, base, queries, kinds in plan:
+            log(f"{data} n={len(base)}: exact top-{K}")
+            truth = exact_top_k(base, queries)
+            for kind in kinds:
+                rows.append(measure(data, kind, base, queries, truth, workdir))
+                log(f"  {rows[-1]}")
+    print()
+    print_table(rows)
+    if skipped:
+        print(f"not run: {', '.join(skipped)}")
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
