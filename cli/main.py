@@ -1,11 +1,14 @@
-"""The `vlsearch` command: index, search, similar, dupes, info, delete (and, from other modules, more)."""
+"""The `vlsearch` command: index, search, similar, dupes, info, delete, migrate (and, from other modules, more)."""
 
 from __future__ import annotations
 
 import functools
 import json
 import sys
+import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -14,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cli.render import hit_rows, print_hits, print_table
-from core.container import Container
+from core.container import Container, StoreKind
 from core.settings import Settings
 from indexer.decode import load_image
 from indexer.errors import VlsearchError
@@ -22,8 +25,8 @@ from indexer.pipeline import detach_path, index_images
 from indexer.sources import IMAGE_EXTENSIONS, iter_sources
 from retriever.dupes import near_duplicate_groups
 from retriever.errors import InvalidQuery
-from retriever.query import Query, add_captions, search
-from retriever.store import Filter, Hit, VectorStore
+from retriever.query import Query, SearchMode, add_captions, search
+from retriever.store import Filter, Hit, VectorStore, copy_points
 
 app = typer.Typer(
     name="vlsearch",
@@ -208,6 +211,12 @@ def search_command(
     rerank_k: Annotated[int | None, typer.Option(help="Candidates to rescore (VLSEARCH_RERANK_K).")] = None,
     fusion_weight: Annotated[float | None, typer.Option(help="1: rerank score alone; 0: CLIP alone.")] = None,
     captions: Annotated[bool, typer.Option("--captions", help="Caption the results (cached per model).")] = False,
+    mode: Annotated[
+        SearchMode,
+        typer.Option(
+            "--mode", help="clip: by image content; keyword: words of file names, tags, captions; hybrid: both."
+        ),
+    ] = "clip",
     vlm: VlmOpt = None,
     collection: CollectionOpt = None,
     model: ModelOpt = None,
@@ -241,6 +250,7 @@ def search_command(
         rerank_k=rerank_k if rerank_k is not None else settings.rerank_k,
         fusion_weight=fusion_weight if fusion_weight is not None else settings.fusion_weight,
         captions=captions,
+        mode=mode,
         **(_image_or_id(image, container) if image else {}),
     )
     _run_query(container, collection, query, as_json)
@@ -375,6 +385,46 @@ def _delete_targets(store: VectorStore, targets: list[str]) -> int:
 
 @app.command()
 @reports_errors
+def migrate(
+    source: Annotated[StoreKind, typer.Option("--from", help="The store to copy from.")],
+    target: Annotated[StoreKind, typer.Option("--to", help="The store to copy into (created if missing).")],
+    collection: CollectionOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Points per read and write.")] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a collection with its vectors, payloads and manifest to the other store, then check the counts.
+
+    Where each store lives comes from the settings (VLSEARCH_DATA_DIR, VLSEARCH_QDRANT_URL or VLSEARCH_QDRANT_PATH).
+    Running it again finishes an interrupted copy. An IVF-PQ collection becomes HNSW on Qdrant.
+    """
+    if source == target:
+        raise VlsearchError(f"--from and --to are both {source}: nothing to migrate")
+    container = container_for()
+    name = collection or container.settings.collection
+    started = time.perf_counter()
+    origin = container.open_store(name, kind=source)
+    try:
+        index_type = "hnsw" if target == "qdrant" and origin.manifest.index_type == "ivfpq" else None
+        manifest = replace(origin.manifest, store=target, index_type=index_type or origin.manifest.index_type)
+        destination = container.store(name, manifest, target)
+        try:
+            report = copy_points(origin, destination, batch_size)
+        finally:
+            destination.close()
+    finally:
+        origin.close()
+    seconds = time.perf_counter() - started
+    if as_json:
+        emit_json({"collection": name, "from": source, "to": target, **asdict(report), "seconds": round(seconds, 3)})
+        return
+    print(
+        f"migrated collection {name!r} from {source} to {target}: {report.copied} images copied in {seconds:.1f}s, "
+        f"counts match ({report.target_count})"
+    )
+
+
+@app.command()
+@reports_errors
 def caption(
     ids: Annotated[
         list[str] | None, typer.Argument(help="Stored image ids (default: every image without one).")
@@ -442,6 +492,51 @@ def ask(
         emit_json({"image": image, "question": question, "answer": answer})
     else:
         print(answer)
+
+
+@app.command(name="eval")
+@reports_errors
+def eval_command(
+    scenes: Annotated[int, typer.Option(help="Held-out test scenes in the collection.")] = 1000,
+    queries: Annotated[
+        int, typer.Option(help="Queries: every object and attribute one, relation ones to this total.")
+    ] = 300,
+    sizes: Annotated[str, typer.Option(help="Canvas sizes to render at, comma-separated.")] = "64,256",
+    seed: Annotated[int, typer.Option(help="Seed of the scenes and the query sample.")] = 0,
+    rerank_k: Annotated[int, typer.Option(help="CLIP candidates the generative model rescores.")] = 20,
+    no_rerank: Annotated[bool, typer.Option("--no-rerank", help="CLIP figures only.")] = False,
+    workdir: Annotated[Path | None, typer.Option(help="Keep rendered scenes here between runs.")] = None,
+    vlm: VlmOpt = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quality on held-out shapes-world scenes: R@K for CLIP and CLIP + rerank, captions, yes/no; with targets."""
+    from cli.evaluate import EvalConfig, format_report, run_evaluation  # the shapes world is only needed here
+
+    # The shipped shapes-world models unless the user names others; collections go to a scratch folder.
+    chosen = container_for(model, pretrained, vlm_model=vlm).settings
+    overrides: dict[str, Any] = {}
+    if not {"clip_model", "clip_pretrained"} & chosen.model_fields_set:
+        overrides.update(clip_model="shapes-clip", clip_pretrained=None, text_templates=["{}"])
+    if "vlm_model" not in chosen.model_fields_set:
+        overrides["vlm_model"] = "shapes-vlm"
+    with tempfile.TemporaryDirectory() as scratch:
+        container = Container(chosen.model_copy(update={**overrides, "data_dir": Path(scratch), "store": "faiss"}))
+        config = EvalConfig(
+            scenes=scenes,
+            queries=queries,
+            sizes=tuple(int(size) for size in sizes.split(",")),
+            seed=seed,
+            rerank_k=rerank_k,
+            rerank=not no_rerank,
+            workdir=workdir,
+        )
+        report = run_evaluation(container, config)
+    if as_json:
+        emit_json(report)
+    else:
+        print(format_report(report))
 
 
 def main() -> None:
