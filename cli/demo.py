@@ -69,9 +69,10 @@ def main(root: Path = DEMO_DIR, scenes: int = 300) -> None:
     if vlm is None:
         print("\n(models/shapes-vlm is not there: no reranking or captions in this demo)")
     store.close()
+    rerank = " --vlm shapes-vlm --rerank --captions" if vlm is not None else ""
     print(
         f"\ntry it yourself: VLSEARCH_DATA_DIR={settings.data_dir} .venv/bin/vlsearch search 'a purple square' "
-        f"--collection {settings.collection}"
+        f"--collection {settings.collection}{rerank}"
     )
 
 

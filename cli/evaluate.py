@@ -22,10 +22,9 @@ from indexer.pipeline import index_images
 from indexer.sources import iter_sources
 from models.shapes_world import (
     Scene,
-    caption_is_true,
+    caption_is_complete,
     generate_scenes,
     hard_negatives_for,
-    parse_caption,
     queries,
     read_collection,
     relevance_matrix,
@@ -94,16 +93,6 @@ def recall_at(ranked: Sequence[Sequence[int]], relevant: np.ndarray) -> dict[str
         hits = [bool(relevant[q, list(r[:k])].any()) for q, r in enumerate(ranked)]
         result[f"R@{k}"] = float(np.mean(hits)) if hits else 0.0
     return result
-
-
-def caption_is_complete(scene: Scene, caption: str) -> bool:
-    """Fully correct: parses, is true of the scene, names every object (colour and shape), relation right if two."""
-    try:
-        parsed = parse_caption(caption)
-    except ValueError:
-        return False
-    named = 1 if parsed.target is None else 2
-    return named == len(scene.objects) and caption_is_true(scene, parsed.text)
 
 
 def _build_collection(container: Container, encoder: ClipEncoder, folder: Path, name: str) -> VectorStore:

@@ -318,6 +318,15 @@ def complete_captions(scene: Scene) -> list[str]:
     return true_captions(scene, kinds)
 
 
+def caption_is_complete(scene: Scene, text: str) -> bool:
+    """A fully correct caption: it parses, names every object (colour and shape, any size said is right) and,
+    of two objects, states a relation that holds."""
+    try:
+        return parse_caption(text).text in complete_captions(scene)
+    except CaptionError:
+        return False
+
+
 # ---------------------------------------------------------------- queries
 
 def queries(kind: str) -> list[str]:

@@ -23,6 +23,7 @@ from models.shapes_world import (
     RelationCombo,
     Scene,
     SceneObject,
+    caption_is_complete,
     caption_is_true,
     complete_captions,
     default_held_out,
@@ -307,3 +308,13 @@ def test_written_collection_reads_back_its_scenes_and_images(tmp_path: Path, ima
             x, y = (int(c * 96) for c in obj.centre)
             rgb = np.asarray(image.convert("RGB"))[y, x].astype(int)
             assert np.abs(rgb - COLOURS[obj.colour]).max() <= COLOUR_TOLERANCE + 3
+
+
+def test_a_caption_that_misses_an_object_or_lies_is_not_complete() -> None:
+    two = next(s for s in generate_scenes("test", 40, seed=2024) if len(s.objects) == 2)
+    a, b = two.objects
+    assert not caption_is_complete(two, f"a {a.colour} {a.shape}")
+    assert not caption_is_complete(two, "not a caption at all")
+    relation = next(r for r in two.relations() if r.subject == 0).name
+    assert caption_is_complete(two, f"a {a.colour} {a.shape} {relation} a {b.colour} {b.shape}")
+    assert not caption_is_complete(two, f"a {b.colour} {b.shape} {relation} a {a.colour} {a.shape}"), "inverted"
