@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from PIL import Image
@@ -36,3 +39,14 @@ def prepare(image: Image.Image, side: int) -> Image.Image:
         return image
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+
+
+# PIL converts and resizes without the GIL, so a chunk of candidates is prepared on every core at once.
+_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="vlsearch-prepare")
+
+
+def prepare_all(images: Sequence[Image.Image], side: int) -> list[Image.Image]:
+    """`prepare` of each image, in input order; several at once when there are several."""
+    if len(images) < 2:
+        return [prepare(image, side) for image in images]
+    return list(_POOL.map(prepare, images, [side] * len(images)))

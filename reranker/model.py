@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import GenerationConfig
 
 from reranker.errors import EmptyQuery, PromptTooLong, UnknownScoreMethod, UnsupportedModel
-from reranker.images import input_side, prepare
+from reranker.images import input_side, prepare_all
 from reranker.loading import (
     MODEL_SETTING,
     PREFERENCES_FILE,
@@ -40,6 +40,7 @@ from reranker.scoring import (
     forward_with_features,
     image_features,
     left_padded,
+    shared_prefix_length,
     yes_probability,
 )
 
@@ -251,7 +252,7 @@ class VisionLanguageModel:
         loaded = self.loaded
         image_processor = loaded.processor.image_processor
         side = input_side(image_processor)
-        pixels = image_processor([prepare(image, side) for image in images], return_tensors="pt")
+        pixels = image_processor(prepare_all(images, side), return_tensors="pt")
         inputs = {name: self._to_device(name, tensor) for name, tensor in pixels.items()}
         return image_features(loaded.model, inputs)
 
@@ -290,12 +291,13 @@ class VisionLanguageModel:
         loaded = self.loaded
         pad_id = loaded.processor.tokenizer.pad_token_id
         inputs = left_padded(rows, pad_id, loaded.input_device)
+        prefix = shared_prefix_length(rows, loaded.processor.image_token_id)
         if method == VQA:
-            logits = forward_with_features(loaded.model, inputs, features, logits_to_keep=1)
+            logits = forward_with_features(loaded.model, inputs, features, logits_to_keep=1, prefix_length=prefix)
             values = yes_probability(logits[:, -1], self._yes_ids, self._no_ids)
         else:
             keep = max(len(answer) for answer in answers) + 1
-            logits = forward_with_features(loaded.model, inputs, features, logits_to_keep=keep)
+            logits = forward_with_features(loaded.model, inputs, features, logits_to_keep=keep, prefix_length=prefix)
             values = answer_log_likelihood(logits, answers)
         return [float(value) for value in values.cpu()]
 
@@ -338,7 +340,7 @@ class VisionLanguageModel:
         texts: list[str] = []
         with self._run_lock, torch.inference_mode():
             for start in range(0, len(images), self.chunk_size):
-                chunk = [prepare(image, side) for image in images[start : start + self.chunk_size]]
+                chunk = prepare_all(images[start : start + self.chunk_size], side)
                 inputs = processor(
                     text=[prompt] * len(chunk), images=chunk, return_tensors="pt", padding=True
                 )

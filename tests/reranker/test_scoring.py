@@ -13,6 +13,7 @@ from PIL import Image
 from reranker.errors import EmptyQuery, PromptTooLong, UnknownScoreMethod
 from reranker.images import input_side, prepare
 from reranker.model import VisionLanguageModel
+from reranker.scoring import shared_prefix_length
 
 QUERY = "a red circle left of a blue square"
 
@@ -63,6 +64,40 @@ def test_batched_scores_equal_one_by_one_in_input_order(
     for chunk_size in (1, 3, len(images)):
         monkeypatch.setattr(vlm, "chunk_size", chunk_size)
         assert vlm.score(QUERY, images, method=method) == pytest.approx(singles, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["vqa", "caption"])
+def test_candidates_share_one_run_of_the_prompt_before_the_image(
+    vlm: VisionLanguageModel, images: list[Image.Image], method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batched, the system prompt runs once for the chunk (batch 1), then each row continues from its cache."""
+    language_model = vlm.model.model.language_model
+    batch_sizes: list[tuple[int, int]] = []
+    original = language_model.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids")
+        shape = (embeds if embeds is not None else ids).shape
+        batch_sizes.append((int(shape[0]), int(shape[1])))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(language_model, "forward", counting)
+    monkeypatch.setattr(vlm, "chunk_size", len(images))
+    vlm.score(QUERY, images, method=method)
+    prefix = vlm._rows([QUERY], method)[0][0].index(vlm.processor.image_token_id)
+    assert batch_sizes[0] == (1, prefix)
+    assert [rows for rows, _ in batch_sizes[1:]] == [len(images)]
+    assert batch_sizes[1][1] == len(vlm._rows([QUERY], method)[0][0]) - prefix
+
+
+def test_shared_prefix_only_for_unpadded_rows_that_agree_before_the_image() -> None:
+    image = 9
+    assert shared_prefix_length([[1, 2, image, 5], [1, 2, image, 6]], image) == 2
+    assert shared_prefix_length([[1, 2, image, 5]], image) == 0, "one row: nothing to share"
+    assert shared_prefix_length([[1, 2, image, 5], [1, 2, image]], image) == 0, "padded rows"
+    assert shared_prefix_length([[1, 2, image], [1, 3, image]], image) == 0, "different prompts"
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]], image) == 0, "no image"
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.container import SHIPPED_CLIP_MODELS, Container
+from core.container import SHIPPED_CLIP_MODELS, SHIPPED_VLM_MODELS, Container
 from core.settings import Settings
 from indexer.encoder import ClipEncoder
 from retriever.errors import InvalidQuery
@@ -191,25 +191,33 @@ def test_a_faiss_collection_made_before_keyword_search_gains_it_on_open(tmp_path
 # --- quality with the shipped model ------------------------------------------------------------------------
 
 SHAPES_CLIP = SHIPPED_CLIP_MODELS["shapes-clip"]
+SHAPES_VLM = SHIPPED_VLM_MODELS["shapes-vlm"]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not (SHAPES_CLIP / "open_clip_config.json").exists(), reason="the shipped shapes-clip model is not built yet"
+    not (SHAPES_CLIP / "open_clip_config.json").exists() or not (SHAPES_VLM / "config.json").exists(),
+    reason="the shipped shapes-world models are not built yet",
 )
 def test_hybrid_recall_at_10_stays_at_or_above_clip_on_shapes_world(tmp_path: Path) -> None:
-    """Every scene carries the caption a captioner should write (as after `vlsearch caption`); queries name
-    objects, sized objects and relations. (With only some scenes captioned, fusion favours the captioned ones:
-    see the issue-5 report.)"""
-    from models.shapes_world import complete_captions, generate_scenes, queries, relevance_matrix, render
+    """Every scene carries the caption the shipped shapes-vlm writes for it (as after `vlsearch caption`);
+    queries name objects, sized objects and relations. (With only some scenes captioned, fusion favours the
+    captioned ones: see the issue-5 report.)"""
+    from models.shapes_world import generate_scenes, queries, relevance_matrix, render
 
-    container = Container(Settings(data_dir=tmp_path, clip_model="shapes-clip", device="cpu", text_templates=["{}"]))
+    settings = Settings(
+        data_dir=tmp_path, clip_model="shapes-clip", device="cpu", text_templates=["{}"],
+        vlm_model="shapes-vlm", vlm_device="cpu", vlm_chunk_size=64,
+    )
+    container = Container(settings)
     encoder: ClipEncoder = container.encoder()
     scenes = generate_scenes("test", 300, seed=2024)
-    vectors = encoder.encode_pil([render(scene, 64) for scene in scenes])
+    pictures = [render(scene, 64) for scene in scenes]
+    vectors = encoder.encode_pil(pictures)
+    captions = container.vlm().caption(pictures)
     payloads = [
-        {"paths": [f"/shapes/scene_{i:04d}.png"], "captions": {"vlm": complete_captions(scene)[0]}}
-        for i, scene in enumerate(scenes)
+        {"paths": [f"/shapes/scene_{i:04d}.png"], "captions": {"shapes-vlm": caption}}
+        for i, caption in enumerate(captions)
     ]
     relations = queries("relation")
     sampled = [relations[i] for i in np.random.default_rng(0).choice(len(relations), 150, replace=False)]
