@@ -1,6 +1,7 @@
 """Vector stores side by side: build time, memory per vector, queries/s and recall@10, and the store's overhead.
 
     .venv/bin/python -m bench.stores [--sizes 200000 1000000] [--queries 200] [--isotropic-size 100000]
+        [--kinds flat hnsw ivfpq qdrant]
 
 By default every store runs at 200k, and at 1M FAISS flat and IVF-PQ: on a 2-core machine an HNSW build of 1M
 would take the run far past 20 minutes, and Qdrant local mode (brute force in Python, about 17 KB of RAM a point)
@@ -224,6 +225,9 @@ def main() -> None:
     parser.add_argument("--isotropic-size", type=int, default=100_000, help="0 to leave isotropic data out")
     parser.add_argument("--isotropic-kinds", nargs="*", default=["hnsw", "ivfpq"], choices=KINDS)
     parser.add_argument("--workdir", type=Path, default=None, help="where collections are built (default: a temp dir)")
+    parser.add_argument(
+        "--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="run only these stores (default: all)"
+    )
     args = parser.parse_args()
 
     print(f"machine: {os.cpu_count()} cores, faiss {faiss.__version__}, {args.queries} queries, k={K}, dim {DIM}")
@@ -237,13 +241,15 @@ def main() -> None:
         vectors = embedding_like(largest + args.queries, dim=DIM, seed=0)  # base and queries in one draw
         plan: list[tuple[str, np.ndarray, np.ndarray, list[str]]] = []
         for n in sorted(args.sizes):
-            kinds = list(KINDS) if n <= args.all_kinds_up_to else args.large_kinds
+            kinds = [k for k in (KINDS if n <= args.all_kinds_up_to else args.large_kinds) if k in args.kinds]
             skipped += [f"embedding {kind}@{n}" for kind in KINDS if kind not in kinds]
             plan.append(("embedding", vectors[:n], vectors[largest:], kinds))
-        if args.isotropic_size:
+        iso_kinds = [k for k in args.isotropic_kinds if k in args.kinds]
+        if args.isotropic_size and iso_kinds:
             iso = isotropic(args.isotropic_size + args.queries, DIM, seed=0)
-            plan.append(("isotropic", iso[: args.isotropic_size], iso[args.isotropic_size :], args.isotropic_kinds))
-            skipped += [f"isotropic {k}@{args.isotropic_size}" for k in KINDS if k not in args.isotropic_kinds]
+            plan.append(("isotropic", iso[: args.isotropic_size], iso[args.isotropic_size :], iso_kinds))
+        if args.isotropic_size:
+            skipped += [f"isotropic {k}@{args.isotropic_size}" for k in KINDS if k not in iso_kinds]
         for data, base, queries, kinds in plan:
             log(f"{data} n={len(base)}: exact top-{K}")
             truth = exact_top_k(base, queries)

@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -151,6 +152,10 @@ class _FaissIndex:
         """How many candidates to ask for to answer the top `need` (one extra to see ties at the cut)."""
         return need + 1
 
+    def narrow_pool(self, need: int) -> int | None:
+        """A cheaper first try than pool_size(need) giving the same top `need` when decisive (HNSW only)."""
+        return None
+
     def search(self, query: np.ndarray, n: int, selector: Any | None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, fids) of the best n candidates, best first; selector restricts the fids considered."""
         params = faiss.SearchParameters()
@@ -183,6 +188,10 @@ class _HnswIndex(_FaissIndex):
         self._dead: set[int] = set()
         # (IDSelectorNot, the IDSelectorBatch it points to: kept so Python does not free it)
         self._dead_selector: tuple[Any, Any] | None = None
+        # (default selector, the parameters of a search with it and efSearch), made once per thread and selector.
+        # Per thread: faiss's IndexIDMap points the parameters' selector at a translating wrapper of its own for
+        # the length of a search, so concurrent searches must not share parameters.
+        self._local = threading.local()
 
     @classmethod
     def empty(cls, dim: int, settings: IndexSettings) -> _HnswIndex:
@@ -212,10 +221,30 @@ class _HnswIndex(_FaissIndex):
         # with offset + k <= efSearch come from the same candidate list, so pagination is stable.
         return max(need, self.ef_search)
 
-    def search(self, query: np.ndarray, n: int, selector: Any | None) -> tuple[np.ndarray, np.ndarray]:
+    def narrow_pool(self, need: int) -> int | None:
+        """A pool smaller than pool_size(need) that visits the same nodes, or None when there is none.
+
+        faiss's HNSW traversal depends on max(efSearch, k) alone; k only sizes the heap of results. So
+        while need + 1 <= efSearch, the best need + 1 of a search for need + 1 are the best need + 1 of the
+        candidates a search for pool_size(need) returns (up to the order of ties): when the last two differ
+        in score, or fewer come back, the top `need` is the same set.
+        """
+        return need + 1 if need < self.ef_search else None
+
+    def _params(self, n: int, selector: Any | None) -> Any:
         params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from faiss's stubs
         params.efSearch = max(self.ef_search, n)
         params.sel = selector
+        return params
+
+    def search(self, query: np.ndarray, n: int, selector: Any | None) -> tuple[np.ndarray, np.ndarray]:
+        if n <= self.ef_search and selector is self.default_selector():
+            cached = getattr(self._local, "params", None)
+            if cached is None or cached[0] is not selector:  # remove() made a new default selector
+                cached = self._local.params = (selector, self._params(n, selector))
+            params = cached[1]
+        else:
+            params = self._params(n, selector)
         scores, fids = self.index.search(query, n, params=params)
         return scores[0], fids[0]
 
@@ -348,24 +377,16 @@ class _ReadWriteLock:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._mutex = threading.RLock()
+        self._cond = threading.Condition(self._mutex)  # readers enter `with self._mutex`: one C call, no frame
         self._readers = 0
         self._writing = False
         self._writers_waiting = 0
+        self._reading = _ReadSide(self)
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writing or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+    def read(self) -> _ReadSide:
+        """`with lock.read():` holds a read lock for the block (one shared object: it keeps no state per use)."""
+        return self._reading
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -381,6 +402,30 @@ class _ReadWriteLock:
             with self._cond:
                 self._writing = False
                 self._cond.notify_all()
+
+
+class _ReadSide:
+    """The read side of a _ReadWriteLock as a plain context manager, taken once by every search: cheaper than
+    a generator-based one."""
+
+    def __init__(self, lock: _ReadWriteLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        lock = self._lock
+        with lock._mutex:
+            while lock._writing or lock._writers_waiting:
+                lock._cond.wait()
+            lock._readers += 1
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        lock = self._lock
+        with lock._mutex:
+            lock._readers -= 1
+            if not lock._readers and lock._writers_waiting:  # only writers wait for the readers to leave
+                lock._cond.notify_all()
 
 
 # --- the store ---------------------------------------------------------------------------------------------
@@ -621,10 +666,10 @@ class FaissStore:
         self._maintain_index()
 
     def _ensure_current(self) -> None:
-        """Catch up with other processes' writes before a search; one cheap query when there were none."""
+        """Catch up with other processes' writes before a search; no query while nothing has committed."""
         with self._lock.read():
             self._check_open()
-            current = self._db.generation == self._generation
+            current = self._db.current_generation() == self._generation
         if not current:
             with self._lock.write():
                 self._check_open()
@@ -748,23 +793,42 @@ class FaissStore:
         query = self._check_query(vector)
         check_page(k, offset)
         need = offset + k
-        self._ensure_current()
-        with self._lock.read():
-            self._check_open()
-            allowed = None if filter is None or filter.is_empty() else self._db.matching_fids(filter)
-            if allowed is not None and not len(allowed):
-                return []
-            if allowed is not None and self._scan_is_better(len(allowed)):
-                fids, scores = allowed, self._exact_scores(query, allowed)
-            else:
-                fids, scores = self._index_candidates(query, need, allowed)
-            ranked = self._rank(fids, scores, need)
-        hits = [
-            Hit(id=point_id, score=score, payload=json.loads(text))
-            for score, point_id, text in ranked[offset:need]
-            if min_score is None or score >= min_score
+        caught_up = False
+        while True:
+            with self._lock.read():
+                self._check_open()
+                # other processes' writes are caught up with first (as in _ensure_current), checked under the
+                # search's own read lock, and without a query while nothing has committed
+                if caught_up or self._db.current_generation() == self._generation:
+                    ranked = self._search_locked(query, need, filter)
+                    break
+            with self._lock.write():
+                self._check_open()
+                self._catch_up()
+            caught_up = True
+        page = ranked[offset:need]
+        if min_score is not None:
+            page = [hit for hit in page if hit[0] >= min_score]
+        payloads = _decode_payloads([text for _, _, text in page])
+        return [
+            Hit(id=point_id, score=score, payload=payload)
+            for (score, point_id, _), payload in zip(page, payloads, strict=True)
         ]
-        return hits
+
+    def _search_locked(self, query: np.ndarray, need: int, filter: Filter | None) -> list[tuple[float, str, str]]:
+        """The best `need` hits as (score, id, payload JSON); the caller holds the read lock."""
+        allowed = None if filter is None or filter.is_empty() else self._db.matching_fids(filter)
+        if allowed is not None:
+            if not len(allowed):
+                return []
+            if self._scan_is_better(len(allowed)):
+                return self._rank(allowed, self._exact_scores(query, allowed), need)
+        selector, bitmap = self._selector(allowed)
+        ranked = self._narrow_top(query, need, selector)
+        if ranked is None:
+            ranked = self._rank(*self._index_candidates(query, need, selector), need)
+        del bitmap  # kept alive until here: the selector points into it
+        return ranked
 
     def keyword_search(self, text: str, k: int, filter: Filter | None = None, offset: int = 0) -> list[Hit]:
         """Hits offset..offset+k holding any word of text (paths, tags, captions) by descending BM25, ties by id."""
@@ -786,7 +850,7 @@ class FaissStore:
                 for fid, point_id, body in matches
             )
             ranked = heapq.nsmallest(offset + k, scored)[offset:]
-            points = self._db.ids_and_payloads(np.asarray([fid for _, _, fid in ranked], dtype=np.int64))
+            points = self._db.ids_and_payloads([fid for _, _, fid in ranked])
         return [Hit(id=point_id, score=-score, payload=json.loads(points[fid][1])) for score, point_id, fid in ranked]
 
     def _scan_is_better(self, matches: int) -> bool:
@@ -798,22 +862,44 @@ class FaissStore:
         vectors = self._index.vectors(fids) if self._index.stores_vectors else self._db.vectors(fids)
         return _inner_products(vectors, query[0])
 
-    def _index_candidates(
-        self, query: np.ndarray, need: int, allowed: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(fids, scores) of the index's candidates for the top `need`, with exact scores."""
+    def _selector(self, allowed: np.ndarray | None) -> tuple[Any | None, np.ndarray | None]:
+        """The IDSelector of a search within allowed (the index's default for None), and the bitmap it points
+        into, which must outlive the search."""
+        if allowed is None:
+            return self._index.default_selector(), None
+        # IDSelectorBitmap does not check bounds: the bitmap must cover every fid the index may hold
+        members = np.zeros(self._db.next_fid, dtype=bool)
+        members[allowed] = True
+        bitmap = np.packbits(members, bitorder="little")
+        # swig_ptr: the stubs say an array, but this faiss build wants a pointer
+        return faiss.IDSelectorBitmap(len(members), faiss.swig_ptr(bitmap)), bitmap  # type: ignore[arg-type]
+
+    def _narrow_top(self, query: np.ndarray, need: int, selector: Any | None) -> list[tuple[float, str, str]] | None:
+        """What `_rank(*_index_candidates(...))` returns, from the index's narrow pool when that decides it.
+
+        Decisive when fewer than the pool came back (every candidate is in hand) or when the last two differ
+        in score (no tie across the cut): the best `need` of the pool are then the best `need` of the full
+        pool (see _HnswIndex.narrow_pool), which _rank orders by score, then id. Else None. On lists from the
+        search on: for a dozen candidates, numpy calls cost more than they save.
+        """
+        narrow = self._index.narrow_pool(need)
+        if narrow is None:
+            return None
+        scores, fids = self._index.search(query, narrow, selector)
+        fid_list, score_list = fids.tolist(), scores.tolist()  # best first; the missing (-1) last
+        if fid_list[-1] < 0:
+            end = fid_list.index(-1)
+        elif score_list[need - 1] > score_list[need]:
+            end = need  # what _rank keeps of the pool
+        else:
+            return None
+        del fid_list[end:], score_list[end:]
+        return self._ranked(fid_list, score_list, need, best_first=True)
+
+    def _index_candidates(self, query: np.ndarray, need: int, selector: Any | None) -> tuple[np.ndarray, np.ndarray]:
+        """(fids, scores) of the index's candidates for the top `need` within selector, with exact scores."""
         if not self._index.live:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-        bitmap: np.ndarray | None = None  # must outlive the search: the selector points into it
-        if allowed is None:
-            selector = self._index.default_selector()
-        else:
-            # IDSelectorBitmap does not check bounds: the bitmap must cover every fid the index may hold
-            members = np.zeros(self._db.next_fid, dtype=bool)
-            members[allowed] = True
-            bitmap = np.packbits(members, bitorder="little")
-            # swig_ptr: the stubs say an array, but this faiss build wants a pointer
-            selector = faiss.IDSelectorBitmap(len(members), faiss.swig_ptr(bitmap))  # type: ignore[arg-type]
         n = self._index.pool_size(need)
         while True:
             scores, fids = self._index.search(query, n, selector)
@@ -823,7 +909,6 @@ class FaissStore:
             if not (self._index.complete and len(fids) == n and need < n and scores[need - 1] == scores[-1]):
                 break
             n *= 2
-        del bitmap
         if not self._index.stores_vectors:
             scores = _inner_products(self._db.vectors(fids), query[0])  # PQ scores are approximate
         return fids, scores
@@ -834,14 +919,35 @@ class FaissStore:
             cut = np.partition(scores, len(scores) - need)[len(scores) - need]
             keep = scores >= cut  # everything tied with the cut stays, to be ordered by id
             fids, scores = fids[keep], scores[keep]
+        return self._ranked(fids.tolist(), scores.tolist(), need)
+
+    def _ranked(
+        self, fids: list[int], scores: list[float], need: int, best_first: bool = False
+    ) -> list[tuple[float, str, str]]:
+        """The points of fids that exist as (score, id, payload JSON), by descending score then id, `need` at most.
+
+        best_first: the scores already descend (as a search returns them), so only ties need sorting.
+        """
         points = self._db.ids_and_payloads(fids)
-        ranked = [
-            (float(score), *points[int(fid)])
-            for fid, score in zip(fids, scores, strict=True)
-            if int(fid) in points
-        ]
-        ranked.sort(key=lambda hit: (-hit[0], hit[1]))
+        ranked = [(score, *points[fid]) for fid, score in zip(fids, scores, strict=True) if fid in points]
+        if not best_first or len(set(scores)) < len(scores):
+            ranked.sort(key=itemgetter(1))  # by id, then (stably) by descending score: ties stay ordered by id
+            ranked.sort(key=itemgetter(0), reverse=True)
         return ranked[:need]
+
+
+_JSON_DECODER = json.JSONDecoder()
+
+
+def _decode_payloads(texts: list[str]) -> list[Payload]:
+    """Decode stored payload JSON texts (objects, as encode_payload writes them) in one call.
+
+    As json.loads of each; raw_decode skips the whitespace scans around the text, which starts with '['.
+    """
+    if not texts:
+        return []
+    payloads: list[Payload] = _JSON_DECODER.raw_decode("[" + ",".join(texts) + "]")[0]
+    return payloads
 
 
 def _inner_products(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:

@@ -8,12 +8,20 @@ date by set differences of fids alone.
 Keyword search: the FTS5 table `texts` holds, per fid, the words of the point's paths, tags and captions
 (`retriever.keywords.payload_text`, already tokenised) and their number; it changes in the same transactions
 as `points`, and `meta` keeps the corpus totals (documents with words, words) that BM25 normalises by.
+
+What every search reads (the generation, and the ids and payloads of its hits) is kept between searches while
+no transaction commits, through any connection in any process: the WAL-index header that SQLite rewrites on
+every commit tells, without a query, when that is no longer so (`CommitWatch`, `PayloadDB._snapshot`).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import sqlite3
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,6 +62,11 @@ _TEXT_SCHEMA = (
 )
 
 _FLOAT32 = np.dtype("<f4")
+
+# Points a collection keeps (id and payload JSON, a few hundred bytes each) between commits; past that it
+# starts over.
+POINT_CACHE_SIZE = 16384
+FRESH_CACHE_KIB = 32768  # SQLite's page cache for the reads searches make (its default is 2 MiB)
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,53 @@ def _as_json_array(values: Sequence[Any] | np.ndarray) -> str:
     return json.dumps(list(values))
 
 
+class CommitWatch:
+    """Tells without a system call whether a transaction may have committed, from SQLite's WAL-index header.
+
+    In WAL mode every connection to a database, in any process, maps its `-shm` file, whose first 48 bytes
+    are the WAL-index header (https://www.sqlite.org/walformat.html, "The WAL-Index Header"). Every commit
+    rewrites it (`iChange` counts transactions; `mxFrame`, the salts and the checksums move with them), its
+    second copy first and this one last, after which new read transactions see the commit. So the same bytes
+    as when a value was read from SQLite mean that no transaction has committed since; any difference means
+    "read SQLite again". A read, even of one row, is a read transaction: file locks and a stat, which on a
+    loaded machine cost as much as the rest of a search's bookkeeping. A header in another format than the
+    one described there (version 3007000, initialised) leaves the collection without a watch.
+
+    The map stays valid while the connection is open: SQLite truncates or deletes the `-shm` file only when no
+    other connection has it open.
+    """
+
+    HEADER_BYTES = 48
+    FORMAT_VERSION = 3007000
+
+    def __init__(self, view: mmap.mmap) -> None:
+        self._view = view
+
+    @classmethod
+    def open(cls, path: Path) -> CommitWatch | None:
+        """A watch on the `-shm` file at path, or None when there is none or it is not in the known format."""
+        try:
+            with open(path, "rb") as file:
+                if os.fstat(file.fileno()).st_size < cls.HEADER_BYTES:
+                    return None
+                view = mmap.mmap(file.fileno(), cls.HEADER_BYTES, access=mmap.ACCESS_READ)  # keeps its own fd
+        except (OSError, ValueError):
+            return None
+        watch = cls(view)
+        header = watch.header()
+        if int.from_bytes(header[0:4], sys.byteorder) != cls.FORMAT_VERSION or header[12] != 1:
+            watch.close()
+            return None
+        return watch
+
+    def header(self) -> bytes:
+        """The header's first copy, the one a commit writes last."""
+        return self._view[: self.HEADER_BYTES]
+
+    def close(self) -> None:
+        self._view.close()
+
+
 class PayloadDB:
     """One collection's SQLite file (WAL mode). Not locked itself: the store serialises calls."""
 
@@ -141,11 +201,23 @@ class PayloadDB:
         # Takes effect only on a new file. With 4 KB pages a 2 KB vector row (dim 512) fits once per page,
         # wasting half the file; 16 KB pages hold seven.
         self._conn.execute("PRAGMA page_size=16384")
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        wal = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         # NORMAL: a commit survives a process crash; `checkpoint()` (in save) makes it survive power loss
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
         self._ensure_texts()
+        # What every search reads, kept while no transaction commits (see `_snapshot`): read through a connection
+        # of its own, one statement at a time. A statement on a connection where another thread's statement is
+        # still running joins that one's read transaction, and so may miss commits made since it began.
+        self._fresh_conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Its pages are the `points` rows of search hits (vectors go through the main connection): room for all
+        # of them in a collection of 200k points with short payloads, so that hits missing from the cache of
+        # points are seldom read from the file.
+        self._fresh_conn.execute(f"PRAGMA cache_size=-{FRESH_CACHE_KIB}")
+        self._fresh_lock = threading.Lock()
+        self._snapshot_now: _Snapshot | None = None
+        # after the first reads: the -shm file exists and is initialised
+        self._commits = CommitWatch.open(Path(f"{path}-shm")) if wal else None
 
     def _ensure_texts(self) -> None:
         """Create the full-text index, filling it from `points` when the collection predates it."""
@@ -169,6 +241,10 @@ class PayloadDB:
             self._set_meta("schema_version", SCHEMA_VERSION)
 
     def close(self) -> None:
+        if self._commits is not None:
+            self._commits.close()
+            self._commits = None
+        self._fresh_conn.close()
         self._conn.close()
 
     @contextmanager
@@ -213,6 +289,36 @@ class PayloadDB:
     def generation(self) -> int:
         """Bumped by every commit that adds or removes a (fid, vector) pair; payload-only changes leave it."""
         return self._meta("generation")
+
+    def _snapshot(self) -> _Snapshot | None:
+        """What is known of the database as it is now, read again only after a commit; None without a watch.
+
+        The WAL-index header (`CommitWatch`) is the same bytes exactly while no transaction commits, through
+        this connection or any other, in any process. A new header gets a new snapshot: the generation read
+        again, and an empty cache of points.
+        """
+        if self._commits is None:
+            return None
+        header = self._commits.header()
+        snapshot = self._snapshot_now
+        if snapshot is not None and snapshot.header == header:
+            return snapshot
+        with self._fresh_lock:
+            row = self._fresh_conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        # Read in a transaction begun after the header was read, the generation is never older than it. A slower
+        # thread may store an older snapshot after a newer one: its header then differs from the next one read,
+        # and that call makes a new one.
+        snapshot = self._snapshot_now = _Snapshot(header, int(row[0]), {})
+        return snapshot
+
+    def current_generation(self) -> int:
+        """`generation` as of this call (even while other threads' reads run on the main connection); asked
+        before every search, it reads SQLite only after a commit."""
+        snapshot = self._snapshot()
+        if snapshot is not None:
+            return snapshot.generation
+        with self._fresh_lock:
+            return int(self._fresh_conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
 
     @property
     def next_fid(self) -> int:
@@ -424,10 +530,48 @@ class PayloadDB:
         )
         return [(int(fid), point_id, body) for fid, point_id, body in rows]
 
-    def ids_and_payloads(self, fids: np.ndarray) -> dict[int, tuple[str, str]]:
-        """fid -> (id, payload JSON text) for the fids that exist."""
-        rows = self._conn.execute(
-            "SELECT fid, id, payload FROM points WHERE fid IN (SELECT value FROM json_each(?))",
-            (_as_json_array(fids),),
-        )
-        return {fid: (point_id, text) for fid, point_id, text in rows}
+    def ids_and_payloads(self, fids: Sequence[int] | np.ndarray) -> dict[int, tuple[str, str]]:
+        """fid -> (id, payload JSON text) for the fids that exist, as of this call.
+
+        Kept from call to call while no transaction commits, in the current snapshot's cache of points: a
+        search's hits cost no query when they were hits of a search since the last commit.
+        """
+        fid_list = fids.tolist() if isinstance(fids, np.ndarray) else fids
+        snapshot = self._snapshot()
+        if snapshot is None:
+            return _points(self._conn, fid_list)
+        cache = snapshot.points
+        found: dict[int, tuple[str, str]] = {}
+        missing: list[int] = []
+        for fid in fid_list:
+            point = cache.get(fid)
+            if point is None:
+                missing.append(fid)
+            else:
+                found[fid] = point
+        if missing:
+            with self._fresh_lock:  # a read begun after the snapshot's header was read: never older
+                fetched = _points(self._fresh_conn, missing)
+            found.update(fetched)
+            if len(cache) + len(fetched) > POINT_CACHE_SIZE:
+                cache.clear()  # start over
+            else:
+                cache.update(fetched)
+        return found
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What PayloadDB read after seeing one WAL-index header: valid until a commit changes it."""
+
+    header: bytes
+    generation: int
+    points: dict[int, tuple[str, str]]  # fid -> (id, payload JSON) of the points read so far; fids that exist
+
+
+def _points(conn: sqlite3.Connection, fids: Sequence[int]) -> dict[int, tuple[str, str]]:
+    rows = conn.execute(
+        "SELECT fid, id, payload FROM points WHERE fid IN (SELECT value FROM json_each(?))",
+        (_as_json_array(fids),),
+    )
+    return {fid: (point_id, text) for fid, point_id, text in rows}
