@@ -42,7 +42,20 @@ def prepare(image: Image.Image, side: int) -> Image.Image:
 
 
 # PIL converts and resizes without the GIL, so a chunk of candidates is prepared on every core at once.
-_POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="vlsearch-prepare")
+def _new_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="vlsearch-prepare")
+
+
+_POOL = _new_pool()
+
+
+def _renew_pool_in_child() -> None:
+    """A forked child (a prefork Celery worker) has none of the parent's threads: give it a pool of its own."""
+    global _POOL
+    _POOL = _new_pool()
+
+
+os.register_at_fork(after_in_child=_renew_pool_in_child)
 
 
 def prepare_all(images: Sequence[Image.Image], side: int) -> list[Image.Image]:
