@@ -52,6 +52,7 @@ from models.shapes_world import (
     render,
     true_captions,
 )
+from models.training_log import training_log
 
 CHECKPOINT_DIR = MODELS_DIR / "shapes-clip"
 VISION_CFGS: dict[str, dict[str, Any]] = {
@@ -371,14 +372,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args(argv)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.out / "training_log.txt"
-    with open(log_path, "w", encoding="utf-8") as log_file:
-        def log(line: str) -> None:
-            print(line, flush=True)
-            log_file.write(line + "\n")
-            log_file.flush()
-
+    with training_log(args.out) as log:
         started = time.time()
         log(f"shapes-clip training: { {k: str(v) for k, v in vars(args).items()} }")
         log(f"model_cfg: {json.dumps(model_cfg(args.tower))}")

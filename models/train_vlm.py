@@ -71,6 +71,7 @@ from models.shapes_world import (
     true_captions,
 )
 from models.train_clip import embed_images, embed_texts, recall_at_k
+from models.training_log import training_log
 from reranker.images import input_side, prepare
 from reranker.model import VisionLanguageModel
 from reranker.prompts import DEFAULT_CAPTION_PROMPT, VQA_QUESTION, expand_image_tokens, render_prompt
@@ -663,13 +664,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args(argv)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "training_log.txt", "w", encoding="utf-8") as log_file:
-        def log(line: str) -> None:
-            print(line, flush=True)
-            log_file.write(line + "\n")
-            log_file.flush()
-
+    with training_log(args.out) as log:
         started = time.time()
         log(f"shapes-vlm training: { {k: str(v) for k, v in vars(args).items()} }")
         log(f"model sizes: {json.dumps(MODEL_SIZES)}; image {IMAGE_SIZE} px, patch {PATCH_SIZE} px")
