@@ -45,7 +45,7 @@ from retriever.errors import (
 )
 from retriever.keywords import bm25, idf, query_terms
 from retriever.payload_db import PayloadDB, VectorChanges
-from retriever.store import Filter, Hit, Manifest, Payload, Record, check_page
+from retriever.store import Filter, Hit, Manifest, Payload, Record, check_page, checked_query_vector
 
 MANIFEST_FILE = "manifest.json"
 PAYLOADS_FILE = "payloads.sqlite"
@@ -764,21 +764,7 @@ class FaissStore:
             after = batch[-1].id
 
     def _check_query(self, vector: np.ndarray) -> np.ndarray:
-        query = np.asarray(vector, dtype=np.float32)
-        if query.ndim == 2 and query.shape[0] == 1:
-            query = query[0]
-        if query.ndim != 1:
-            raise InvalidQuery(
-                f"a query is one vector of dim {self.manifest.dim}, got an array of shape {query.shape}"
-            )
-        if query.shape[0] != self.manifest.dim:
-            raise EncoderMismatch(
-                f"query vector has dim {query.shape[0]}; collection {self.name!r} ({self.directory}) holds "
-                f"dim {self.manifest.dim} vectors from {self.manifest.encoder!r} "
-                f"(weights {self.manifest.weights})"
-            )
-        if not np.isfinite(query).all():
-            raise InvalidQuery("the query vector contains NaN or infinite values")
+        query = checked_query_vector(vector, self.manifest, f"{self.name!r} ({self.directory})")
         return np.ascontiguousarray(query.reshape(1, -1))
 
     def search(

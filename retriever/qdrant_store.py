@@ -46,7 +46,7 @@ from retriever.errors import (
 )
 from retriever.keywords import payload_text, query_terms
 from retriever.payload_db import encode_payload
-from retriever.store import Filter, Hit, Manifest, Payload, Record, check_page
+from retriever.store import Filter, Hit, Manifest, Payload, Record, check_page, checked_query_vector
 
 ID_FIELD = "vlsearch_id"  # the image id, as given (the point id is its UUID)
 TEXT_FIELD = "vlsearch_text"  # the words keyword search matches
@@ -493,19 +493,7 @@ class QdrantStore:
             yield from (self._record(by_uuid[key]) for key in uuids if key in by_uuid)  # deleted meanwhile: gone
 
     def _check_query(self, vector: np.ndarray) -> list[float]:
-        query = np.asarray(vector, dtype=np.float32)
-        if query.ndim == 2 and query.shape[0] == 1:
-            query = query[0]
-        if query.ndim != 1:
-            raise InvalidQuery(f"a query is one vector of dim {self.manifest.dim}, got an array of shape {query.shape}")
-        if query.shape[0] != self.manifest.dim:
-            raise EncoderMismatch(
-                f"query vector has dim {query.shape[0]}; collection {self.where} holds dim {self.manifest.dim} "
-                f"vectors from {self.manifest.encoder!r} (weights {self.manifest.weights})"
-            )
-        if not np.isfinite(query).all():
-            raise InvalidQuery("the query vector contains NaN or infinite values")
-        return [float(value) for value in query]
+        return [float(value) for value in checked_query_vector(vector, self.manifest, self.where)]
 
     def search(
         self,

@@ -115,6 +115,26 @@ class Hit:
         return str(paths[0]) if paths else None
 
 
+def checked_query_vector(vector: np.ndarray, manifest: Manifest, collection: str) -> np.ndarray:
+    """The query as one finite float32 vector of the collection's dim (a (1, dim) array is accepted).
+
+    Raises InvalidQuery for another shape or NaN/inf, EncoderMismatch for another dim (naming `collection`).
+    """
+    query = np.asarray(vector, dtype=np.float32)
+    if query.ndim == 2 and query.shape[0] == 1:
+        query = query[0]
+    if query.ndim != 1:
+        raise InvalidQuery(f"a query is one vector of dim {manifest.dim}, got an array of shape {query.shape}")
+    if query.shape[0] != manifest.dim:
+        raise EncoderMismatch(
+            f"query vector has dim {query.shape[0]}; collection {collection} holds dim {manifest.dim} vectors "
+            f"from {manifest.encoder!r} (weights {manifest.weights})"
+        )
+    if not np.isfinite(query).all():
+        raise InvalidQuery("the query vector contains NaN or infinite values")
+    return query
+
+
 def check_page(k: int, offset: int) -> None:
     """Raise InvalidQuery unless k >= 1 and offset >= 0."""
     if k < 1:
