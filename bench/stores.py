@@ -17,7 +17,11 @@ Columns: build s (upserts + save); index B/vec (the FAISS index in memory = its 
 Qdrant local, the process RSS that opening the collection adds, per vector); disk B/vec (the collection directory);
 q/s (one query at a time through `store.search(k=10)`, one thread); recall@10 (against exact inner-product search).
 search/bare: time of `store.search` over the bare faiss call on the same index with the same parameters (k=10,
-efSearch, nprobe), one thread; bare recall: that call's recall@10 (the store re-scores IVF-PQ candidates exactly).
+efSearch, nprobe), one thread, on 400 queries the store has not seen (its payloads are read cold, from SQLite);
+bare recall: that call's recall@10 (the store re-scores IVF-PQ candidates exactly). --ef-search: the HNSW index is
+also reopened and searched with each of these efSearch values, a row each (efSearch column). 1st s, 1st B/vec: the
+first search after reopening the store, which for FAISS reads every id and payload into memory, and the resident
+memory it adds per vector (not in q/s).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from retriever.store import Manifest, VectorStore
 DIM = 512
 K = 10
 UPSERT_BATCH = 10_000
-OVERHEAD_QUERIES = 100
+OVERHEAD_QUERIES = 400  # fresh ones, searched once each: every hit is read from SQLite, not from a cache
 KINDS = ("flat", "hnsw", "ivfpq", "qdrant")
 
 
@@ -62,6 +66,9 @@ class Row:
     recall: float
     overhead: float | None = None
     bare_recall: float | None = None
+    ef_search: int | None = None  # HNSW: the efSearch searched with
+    first_search_s: float = 0.0  # the first search after opening: FAISS reads every id and payload into memory
+    first_search_bytes: float = 0.0  # what that first search adds to the process, per vector
 
 
 def log(message: str) -> None:
@@ -117,6 +124,20 @@ def build(kind: str, directory: Path, base: np.ndarray) -> tuple[VectorStore, fl
     return store, time.perf_counter() - started
 
 
+def first_search(store: VectorStore, query: np.ndarray, n: int) -> tuple[float, float]:
+    """(seconds, resident bytes added per vector) of the first search after opening, which loads what searches
+    keep in memory (the FAISS store: every point's id and payload)."""
+    gc.collect()
+    release_free_memory()
+    before = rss_bytes()
+    started = time.perf_counter()
+    store.search(query, K)
+    seconds = time.perf_counter() - started
+    gc.collect()
+    release_free_memory()
+    return seconds, (rss_bytes() - before) / n
+
+
 def query_rate_and_recall(store: VectorStore, queries: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     faiss.omp_set_num_threads(1)  # one query at a time, as a service answers them
     found = []
@@ -134,7 +155,7 @@ def bare_search(store: FaissStore) -> Callable[[np.ndarray], tuple[np.ndarray, n
     params: Any
     if store.manifest.index_type == "hnsw":
         params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from faiss's stubs
-        params.efSearch = store.settings.hnsw_ef_search
+        params.efSearch = store._index.ef_search  # type: ignore[attr-defined]  # an _HnswIndex here
     elif store.manifest.index_type == "ivfpq":
         params = faiss.SearchParametersIVF()
         params.nprobe = store.settings.ivf_nprobe
@@ -148,21 +169,21 @@ def overhead(store: FaissStore, queries: np.ndarray, truth: np.ndarray) -> tuple
 
     The two alternate query by query, each going first every other time: load on a shared machine hits both
     alike, and neither profits from the caches the other warmed more often than it warms them for the other.
+    Each query runs once in each: queries the store has not seen, so its hits are read from SQLite (cold).
     """
     faiss.omp_set_num_threads(1)
     bare = bare_search(store)
     seconds = {"bare": 0.0, "store": 0.0}
     recalls = []
-    for repeat in range(2):  # each query twice, once with either first
-        for i, (query, rows) in enumerate(zip(queries, truth, strict=True)):
-            for which in ("bare", "store") if (i + repeat) % 2 else ("store", "bare"):
-                started = time.perf_counter()
-                if which == "bare":
-                    _, fids = bare(query)
-                else:
-                    store.search(query, K)
-                seconds[which] += time.perf_counter() - started
-            recalls.append(len(set(fids[0].tolist()) & set(rows.tolist())) / K)  # fid i is row i: inserted in order
+    for i, (query, rows) in enumerate(zip(queries, truth, strict=True)):
+        for which in ("bare", "store") if i % 2 else ("store", "bare"):
+            started = time.perf_counter()
+            if which == "bare":
+                _, fids = bare(query)
+            else:
+                store.search(query, K)
+            seconds[which] += time.perf_counter() - started
+        recalls.append(len(set(fids[0].tolist()) & set(rows.tolist())) / K)  # fid i is row i: inserted in order
     return seconds["store"] / seconds["bare"], float(np.mean(recalls))
 
 
@@ -172,7 +193,21 @@ def index_bytes(store: VectorStore, kind: str, n: int, opened_rss: int) -> float
     return opened_rss / n
 
 
-def measure(data: str, kind: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, workdir: Path) -> Row:
+def measure(
+    data: str,
+    kind: str,
+    base: np.ndarray,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    workdir: Path,
+    ef_values: list[int],
+) -> list[Row]:
+    """The row of one store built from base, and for HNSW one more row per efSearch of ef_values.
+
+    queries: OVERHEAD_QUERIES fresh ones for the overhead, after the ones for q/s and recall.
+    """
+    queries, fresh = queries[:-OVERHEAD_QUERIES], queries[-OVERHEAD_QUERIES:]
+    truth, fresh_truth = truth[:-OVERHEAD_QUERIES], truth[-OVERHEAD_QUERIES:]
     n = len(base)
     directory = workdir / f"{data}-{kind}-{n}"
     directory.mkdir()
@@ -189,30 +224,50 @@ def measure(data: str, kind: str, base: np.ndarray, queries: np.ndarray, truth: 
         release_free_memory()  # loading unpickles every point through Python lists: count what stays, not the peak
         opened_rss = rss_bytes() - before
     log(f"{data} n={n} {kind}: built in {build_s:.1f}s; querying")
+    if isinstance(store, FaissStore):  # reopened (as Qdrant was): the first search as a new service makes it
+        store.close()
+        store = FaissStore.open(directory / "bench")
+    opening = first_search(store, queries[0], n)
     qps, recall = query_rate_and_recall(store, queries, truth)
     disk = directory_bytes(directory) / n
     row = Row(data, n, kind, build_s, index_bytes(store, kind, n, opened_rss), disk, qps, recall)
+    row.first_search_s, row.first_search_bytes = opening
+    rows = [row]
     if isinstance(store, FaissStore):
-        row.overhead, row.bare_recall = overhead(store, queries[:OVERHEAD_QUERIES], truth[:OVERHEAD_QUERIES])
+        row.overhead, row.bare_recall = overhead(store, fresh, fresh_truth)
+        if kind == "hnsw":
+            row.ef_search = store._index.ef_search  # type: ignore[attr-defined]
+            for ef in ef_values:  # the saved index, reopened with another efSearch
+                store.close()
+                store = FaissStore.open(directory / "bench", hnsw_ef_search=ef)
+                log(f"{data} n={n} {kind}: efSearch {ef}")
+                first_search(store, queries[0], n)
+                qps, recall = query_rate_and_recall(store, queries, truth)
+                swept = Row(data, n, kind, build_s, row.index_bytes, disk, qps, recall, ef_search=ef)
+                swept.overhead, swept.bare_recall = overhead(store, fresh, fresh_truth)
+                rows.append(swept)
     store.close()
     del store
     gc.collect()
     shutil.rmtree(directory)
-    return row
+    return rows
 
 
 def print_table(rows: list[Row]) -> None:
     print(
         f"{'data':<10} {'n':>9} {'store':<12} {'build s':>8} {'index B/vec':>11} {'disk B/vec':>10} "
-        f"{'q/s':>8} {'recall@10':>9} {'search/bare':>11} {'bare recall':>11}"
+        f"{'q/s':>8} {'recall@10':>9} {'search/bare':>11} {'bare recall':>11} {'efSearch':>8} {'1st s':>6} "
+        f"{'1st B/vec':>9}"
     )
     for row in rows:
         name = "qdrant-local" if row.kind == "qdrant" else f"faiss-{row.kind}"
+        ef = str(row.ef_search) if row.ef_search is not None else "-"
         ratio = f"{row.overhead:.2f}x" if row.overhead is not None else "-"
         bare = f"{row.bare_recall:.3f}" if row.bare_recall is not None else "-"
         print(
             f"{row.data:<10} {row.n:>9} {name:<12} {row.build_s:>8.1f} {row.index_bytes:>11.0f} "
-            f"{row.disk_bytes:>10.0f} {row.qps:>8.1f} {row.recall:>9.3f} {ratio:>11} {bare:>11}"
+            f"{row.disk_bytes:>10.0f} {row.qps:>8.1f} {row.recall:>9.3f} {ratio:>11} {bare:>11} {ef:>8} "
+            f"{row.first_search_s:>6.2f} {row.first_search_bytes:>9.0f}"
         )
 
 
@@ -228,6 +283,9 @@ def main() -> None:
     parser.add_argument(
         "--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="run only these stores (default: all)"
     )
+    parser.add_argument(
+        "--ef-search", type=int, nargs="*", default=[], help="HNSW: also search the built index with these efSearch"
+    )
     args = parser.parse_args()
 
     print(f"machine: {os.cpu_count()} cores, faiss {faiss.__version__}, {args.queries} queries, k={K}, dim {DIM}")
@@ -237,8 +295,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as temp:
         workdir = Path(temp)
         largest = max(args.sizes)
-        log(f"generating {largest} embedding-like vectors + {args.queries} queries")
-        vectors = embedding_like(largest + args.queries, dim=DIM, seed=0)  # base and queries in one draw
+        log(f"generating {largest} embedding-like vectors + {args.queries} + {OVERHEAD_QUERIES} queries")
+        extra = args.queries + OVERHEAD_QUERIES
+        vectors = embedding_like(largest + extra, dim=DIM, seed=0)  # base and queries in one draw
         plan: list[tuple[str, np.ndarray, np.ndarray, list[str]]] = []
         for n in sorted(args.sizes):
             kinds = [k for k in (KINDS if n <= args.all_kinds_up_to else args.large_kinds) if k in args.kinds]
@@ -246,7 +305,7 @@ def main() -> None:
             plan.append(("embedding", vectors[:n], vectors[largest:], kinds))
         iso_kinds = [k for k in args.isotropic_kinds if k in args.kinds]
         if args.isotropic_size and iso_kinds:
-            iso = isotropic(args.isotropic_size + args.queries, DIM, seed=0)
+            iso = isotropic(args.isotropic_size + extra, DIM, seed=0)
             plan.append(("isotropic", iso[: args.isotropic_size], iso[args.isotropic_size :], iso_kinds))
         if args.isotropic_size:
             skipped += [f"isotropic {k}@{args.isotropic_size}" for k in KINDS if k not in iso_kinds]
@@ -254,8 +313,10 @@ def main() -> None:
             log(f"{data} n={len(base)}: exact top-{K}")
             truth = exact_top_k(base, queries)
             for kind in kinds:
-                rows.append(measure(data, kind, base, queries, truth, workdir))
-                log(f"  {rows[-1]}")
+                measured = measure(data, kind, base, queries, truth, workdir, args.ef_search)
+                rows += measured
+                for row in measured:
+                    log(f"  {row}")
     print()
     print_table(rows)
     if skipped:

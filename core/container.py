@@ -130,11 +130,15 @@ class Container:
                 raise CollectionNotFound(
                     f"no collection {name!r} in {self.settings.collections_dir} (VLSEARCH_DATA_DIR)"
                 )
-            return FaissStore.open(directory, manifest)
+            return FaissStore.open(
+                directory, manifest, hnsw_ef_search=self.settings.hnsw_ef_search, ivf_nprobe=self.settings.ivf_nprobe
+            )
         if kind == "qdrant":
             from retriever.qdrant_store import QdrantStore  # imported when used: qdrant-client adds 1.5 s to startup
 
-            return QdrantStore.open(name, manifest, **self._qdrant_location())
+            # hnsw_ef applies on a server; embedded Qdrant searches exactly
+            hnsw_ef = self.settings.hnsw_ef_search or 128
+            return QdrantStore.open(name, manifest, hnsw_ef=hnsw_ef, **self._qdrant_location())
         raise VlsearchError(f"unknown store {kind!r}: use faiss or qdrant (VLSEARCH_STORE)")
 
     def _qdrant_location(self) -> dict[str, Any]:

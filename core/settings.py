@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # cluster) or embedded (no url: one directory per collection under qdrant_path, one process at a time).
     store: Literal["faiss", "qdrant"] = "faiss"
     index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"  # Qdrant: flat (exact search) or hnsw
+    # HNSW search breadth (recall against speed). None: FAISS grows it with the collection
+    # (retriever.faiss_store.default_ef_search); Qdrant server uses 128.
+    hnsw_ef_search: int | None = Field(default=None, ge=1)
+    ivf_nprobe: int = Field(default=16, ge=1)  # IVF-PQ lists searched per query (recall against speed)
     qdrant_url: str | None = None  # e.g. http://qdrant:6333
     qdrant_api_key: SecretStr | None = None
     qdrant_path: Path | None = None  # default: data_dir/qdrant

@@ -252,7 +252,9 @@ class VisionLanguageModel:
         loaded = self.loaded
         image_processor = loaded.processor.image_processor
         side = input_side(image_processor)
-        pixels = image_processor(prepare_all(images, side), return_tensors="pt")
+        # Grouped: candidates of one shape are resized and normalised as one stacked tensor, not one by one
+        # (transformers' default on CPU); the same values, in a fraction of the time for a chunk of photos.
+        pixels = image_processor(prepare_all(images, side), return_tensors="pt", disable_grouping=False)
         inputs = {name: self._to_device(name, tensor) for name, tensor in pixels.items()}
         return image_features(loaded.model, inputs)
 

@@ -69,7 +69,7 @@ class IndexSettings:
     """Build and search parameters of the FAISS index; build parameters apply when an index is (re)built."""
 
     hnsw_m: int = 32
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int | None = None  # None: grows with the collection (default_ef_search)
     ivf_nlist: int | None = None  # None: about 4 * sqrt(n) at training time
     ivf_nprobe: int = 16
     pq_m: int = 32
@@ -88,7 +88,7 @@ class IndexSettings:
         if manifest.dim < 1:
             raise InvalidStoreSettings(f"manifest dim must be positive, got {manifest.dim}")
         for name in ("hnsw_m", "hnsw_ef_search", "hnsw_ef_construction", "ivf_nprobe", "pq_m"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InvalidStoreSettings(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.ivf_nlist is not None and self.ivf_nlist < 1:
             raise InvalidStoreSettings(f"ivf_nlist must be at least 1, got {self.ivf_nlist}")
@@ -112,6 +112,17 @@ class IndexInfo:
     tombstones: int
     trained_on: int  # points the IVF-PQ index was trained on; 0 for other kinds
     file_bytes: int | None  # size of index.faiss on disk, None before the first save
+
+
+def default_ef_search(count: int) -> int:
+    """efSearch for an HNSW graph of `count` vectors when none is set: 128 up to 200k, then growing with the
+    fourth root of the size (192 at 1M, 352 at 10M), in steps of 16, at most 1024.
+
+    Recall at one efSearch falls as the graph grows. On embedding-like vectors (bench/stores.py, BENCHMARKS.md)
+    efSearch 128 gave recall@10 0.98–0.99 at 200k but 0.945–0.975 at 1M, where 192 gave 0.985.
+    """
+    grown = 128 * max(1.0, count / 200_000) ** 0.25
+    return min(1024, 16 * math.ceil(grown / 16))
 
 
 # --- the FAISS index kinds ---------------------------------------------------------------------------------
@@ -182,13 +193,15 @@ class _HnswIndex(_FaissIndex):
     kind = "hnsw"
     complete = False
 
-    def __init__(self, index: Any, ef_search: int) -> None:
+    def __init__(self, index: Any, ef_search: int | None) -> None:
         super().__init__(index)
-        self.ef_search = ef_search
+        self._fixed_ef_search = ef_search
+        self._default_for = (-1, 0)  # (graph size, default_ef_search of it)
         self._dead: set[int] = set()
         # (IDSelectorNot, the IDSelectorBatch it points to: kept so Python does not free it)
         self._dead_selector: tuple[Any, Any] | None = None
-        # (default selector, the parameters of a search with it and efSearch), made once per thread and selector.
+        # (default selector, efSearch, the parameters of a search with both), made once per thread, selector and
+        # efSearch.
         # Per thread: faiss's IndexIDMap points the parameters' selector at a translating wrapper of its own for
         # the length of a search, so concurrent searches must not share parameters.
         self._local = threading.local()
@@ -199,6 +212,16 @@ class _HnswIndex(_FaissIndex):
         graph: Any = faiss.downcast_index(index.index)  # an IndexHNSWFlat, typed as a plain Index by the stubs
         graph.hnsw.efConstruction = settings.hnsw_ef_construction  # kept in the index file
         return cls(index, settings.hnsw_ef_search)
+
+    @property
+    def ef_search(self) -> int:
+        """The efSearch of searches: the setting, else default_ef_search of the graph's size."""
+        if self._fixed_ef_search:
+            return self._fixed_ef_search
+        total = self.index.ntotal
+        if total != self._default_for[0]:  # asked a few times a search: computed once per size
+            self._default_for = (total, default_ef_search(total))
+        return self._default_for[1]
 
     def remove(self, fids: np.ndarray) -> None:
         self._dead.update(int(fid) for fid in fids)
@@ -231,20 +254,22 @@ class _HnswIndex(_FaissIndex):
         """
         return need + 1 if need < self.ef_search else None
 
-    def _params(self, n: int, selector: Any | None) -> Any:
+    def _params(self, ef_search: int, selector: Any | None) -> Any:
         params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from faiss's stubs
-        params.efSearch = max(self.ef_search, n)
+        params.efSearch = ef_search
         params.sel = selector
         return params
 
     def search(self, query: np.ndarray, n: int, selector: Any | None) -> tuple[np.ndarray, np.ndarray]:
-        if n <= self.ef_search and selector is self.default_selector():
+        ef_search = self.ef_search
+        if n <= ef_search and selector is self.default_selector():
             cached = getattr(self._local, "params", None)
-            if cached is None or cached[0] is not selector:  # remove() made a new default selector
-                cached = self._local.params = (selector, self._params(n, selector))
-            params = cached[1]
+            # remove() made a new default selector, or the collection grew into another efSearch
+            if cached is None or cached[0] is not selector or cached[1] != ef_search:
+                cached = self._local.params = (selector, ef_search, self._params(ef_search, selector))
+            params = cached[2]
         else:
-            params = self._params(n, selector)
+            params = self._params(max(ef_search, n), selector)
         scores, fids = self.index.search(query, n, params=params)
         return scores[0], fids[0]
 
@@ -463,7 +488,7 @@ class FaissStore:
         manifest: Manifest | None = None,
         *,
         hnsw_m: int = 32,
-        hnsw_ef_search: int = 128,
+        hnsw_ef_search: int | None = None,
         hnsw_ef_construction: int = 80,
         ivf_nlist: int | None = None,
         pq_m: int = 32,
@@ -580,16 +605,26 @@ class FaissStore:
             index = _wrap_loaded(loaded, self.manifest, self.settings, int(meta.get("trained_on", 0)))
         except RuntimeError:
             pass  # missing or unreadable: rebuilt from SQLite below
-        generation = self._db.generation  # read before the fids: a commit in between is caught up later
-        unsaved = index is None or meta.get("generation") != generation
+        from_disk = index is not None
         if index is None:
             index = self._empty_index()
-        unsaved = self._reconcile(index) or unsaved
+        generation, changed = self._reconcile(index)
+        unsaved = changed or not from_disk or meta.get("generation") != generation
         self._generation = generation
         return index, unsaved
 
-    def _reconcile(self, index: _FaissIndex) -> bool:
-        """Add the SQLite vectors the index lacks, drop the fids SQLite no longer has; True if it changed."""
+    def _reconcile(self, index: _FaissIndex) -> tuple[int, bool]:
+        """Add the SQLite vectors the index lacks, drop the fids SQLite no longer has: (the generation the
+        index now mirrors, whether it changed).
+
+        One read transaction: the generation, the fids and their vectors come from one snapshot, so a point
+        deleted meanwhile (by another process) is neither asked for nor half added; a later catch-up sees it.
+        """
+        with self._db.read_transaction():
+            generation = self._db.generation
+            return generation, self._reconcile_in_snapshot(index)
+
+    def _reconcile_in_snapshot(self, index: _FaissIndex) -> bool:
         live = self._db.matching_fids(None)
         entries = np.sort(index.entries())
         dead = np.setdiff1d(entries, live, assume_unique=True)
@@ -658,11 +693,10 @@ class FaissStore:
 
     def _catch_up(self) -> None:
         """Bring the index up to date with commits made through another connection (another process)."""
-        generation = self._db.generation
-        if generation == self._generation:
+        if self._db.generation == self._generation:
             return
-        self._unsaved = self._reconcile(self._index) or self._unsaved
-        self._generation = generation
+        self._generation, changed = self._reconcile(self._index)
+        self._unsaved = changed or self._unsaved
         self._maintain_index()
 
     def _ensure_current(self) -> None:

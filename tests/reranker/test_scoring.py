@@ -223,7 +223,10 @@ def test_large_photos_are_shrunk_before_the_processor_and_score_alike(vlm: Visio
     blotches = np.random.default_rng(1).integers(0, 256, (6, 10, 3), dtype=np.uint8)
     photo = Image.fromarray(blotches).resize((20 * side, 12 * side), Image.Resampling.BICUBIC)
     shrunk = prepare(photo, side)
-    assert shrunk.size == (2 * side, round(2 * side * 12 / 20))
+    assert shrunk.size == (2 * side, math.ceil(12 * side / 10))  # reduced 10:1; a partial block counts
     assert prepare(Image.new("RGB", (side, side)), side).size == (side, side)  # small ones stay as they are
+    # A whole factor: the longer side ends between 2 and 4 times the input side.
+    odd = prepare(photo.resize((9 * side + 5, 3 * side)), side)
+    assert odd.size == (math.ceil((9 * side + 5) / 4), math.ceil(3 * side / 4)) and 2 * side <= odd.width < 4 * side
     # The processor's own resize finishes the job: the score barely moves.
     assert vlm.score(QUERY, [photo])[0] == pytest.approx(hand_vqa_score(vlm, QUERY, photo), abs=0.01)

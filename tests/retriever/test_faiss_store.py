@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 
 from bench.synthetic_vectors import embedding_like, isotropic
+from core.container import Container
+from core.settings import Settings
+from retriever import faiss_store
 from retriever.errors import CollectionNotFound, InvalidStoreSettings
-from retriever.faiss_store import INDEX_FILE, INDEX_META_FILE, FaissStore
+from retriever.faiss_store import INDEX_FILE, INDEX_META_FILE, FaissStore, default_ef_search
 from retriever.store import Filter, Manifest
 from tests.retriever.test_store_contract import (
     FILTERS,
@@ -285,6 +288,58 @@ def test_settings_that_cannot_build_the_index_are_refused(
     with pytest.raises(InvalidStoreSettings, match=named):
         FaissStore.open(tmp_path / "c", manifest(32, index_type), **settings)
     assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_ef_search_grows_with_the_collection_unless_set() -> None:
+    sizes = [0, 1000, 200_000, 500_000, 1_000_000, 5_000_000, 100_000_000]
+    values = [default_ef_search(n) for n in sizes]
+    assert values == sorted(values) and values[0] == values[2] == 128  # 128 up to 200k, where recall is 0.98
+    assert values[4] >= 192  # recall@10 0.945 at 128 on 1M embedding-like vectors (BENCHMARKS.md)
+    assert values[-1] <= 1024  # bounded: past it a larger M, not a wider search, is the answer
+
+
+def test_an_unset_ef_search_follows_the_collection_as_it_grows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(faiss_store, "default_ef_search", lambda count: 16 if count < 100 else 48)
+    points = make_points(150, dim=8, seed=51)
+    store = open_filled(tmp_path / "c", Points(points.ids[:50], points.vectors[:50], points.payloads[:50]), "hnsw")
+    assert [hit.id for hit in store.search(points.vectors[0], k=1)] == [points.ids[0]]
+    assert store._index._local.params[2].efSearch == 16  # type: ignore[attr-defined]
+    store.upsert(points.ids[50:], points.vectors[50:], points.payloads[50:])
+    assert [hit.id for hit in store.search(points.vectors[120], k=1)] == [points.ids[120]]
+    assert store._index._local.params[2].efSearch == 48  # type: ignore[attr-defined]  # made anew for the size
+    store.close()
+
+
+def test_search_breadth_settings_reach_the_faiss_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VLSEARCH_HNSW_EF_SEARCH and VLSEARCH_IVF_NPROBE, read from the environment, are what faiss is given;
+    unset, efSearch follows the collection's size."""
+    points = make_points(300, dim=64, seed=50)
+    made = {
+        index_type: FaissStore.open(tmp_path / "data" / "collections" / index_type, manifest(64, index_type))
+        for index_type in ("hnsw", "ivfpq")
+    }
+    for store in made.values():
+        store.upsert(points.ids, points.vectors, points.payloads)
+        store.close()
+    for name in ("VLSEARCH_HNSW_EF_SEARCH", "VLSEARCH_IVF_NPROBE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VLSEARCH_DATA_DIR", str(tmp_path / "data"))
+    unset = Container(Settings()).store("hnsw", None, "faiss")
+    assert isinstance(unset, FaissStore) and unset._index.ef_search == default_ef_search(300)  # type: ignore[attr-defined]
+    unset.close()
+    monkeypatch.setenv("VLSEARCH_HNSW_EF_SEARCH", "37")
+    monkeypatch.setenv("VLSEARCH_IVF_NPROBE", "3")
+    hnsw = Container(Settings()).store("hnsw", None, "faiss")
+    assert isinstance(hnsw, FaissStore)
+    assert [hit.id for hit in hnsw.search(points.vectors[7], k=1)] == [points.ids[7]]
+    assert hnsw._index._local.params[2].efSearch == 37  # type: ignore[attr-defined]  # the parameters faiss got
+    assert Container(Settings()).store("ivfpq", None, "faiss").settings.ivf_nprobe == 3  # type: ignore[attr-defined]
+    monkeypatch.setenv("VLSEARCH_HNSW_EF_SEARCH", "0")
+    with pytest.raises(ValueError, match="hnsw_ef_search"):
+        Settings()
+    hnsw.close()
 
 
 def test_creating_over_the_leftovers_of_an_unfinished_drop_starts_empty(tmp_path: Path) -> None:
