@@ -261,6 +261,7 @@ class PayloadDB:
             self._set_meta("schema_version", SCHEMA_VERSION)
 
     def close(self) -> None:
+        self._mirror = None
         if self._commits is not None:
             self._commits.close()
             self._commits = None
