@@ -1,12 +1,15 @@
 """Reranking speed of DeepSeek-VL relevance scores: batched versus one by one, side by side in one run.
 
-    .venv/bin/python bench/rerank.py [--candidates 20] [--method vqa] [--full-size [--full-candidates 2]]
+    .venv/bin/python bench/rerank.py [--candidates 20] [--method vqa] [--full-size [--full-candidates 2]] [--photos]
 
 A tiny and a small model (random weights, built offline with reranker.tiny, saved, loaded by the production
 loader) score the same candidates batched (one call, chunk_size = candidates) and one by one (one call each);
 the script prints seconds per candidate, the ratio, the peak memory of each, and that the scores agree.
 --full-size repeats it with a 1.3B-shaped model (real dimensions, random weights, built in memory: about 1.9B
 parameters, ~8 GB in fp32 on CPU). Random weights: speed and memory only, never quality.
+--photos: what search does before scoring, loading the candidates' files (12 MP JPEGs, bench/indexing.py's
+corpus), one by one in full against the way search loads them (JPEG draft to the model's `decode_side`, in
+parallel), for a model with DeepSeek-VL's 384 px input.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +35,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from bench.indexing import make_photos
+from core.container import Container
+from core.settings import Settings
+from reranker.images import decode_side
 from reranker.model import VisionLanguageModel
 from reranker.tiny import build_tiny_model, build_tiny_processor, save_tiny_model
+from retriever.query import load_images
+from retriever.store import Hit
 
 QUERY = "a small red circle left of a large blue square"
 WORDS = ["circle square triangle red green blue small large left right of above below a"]
@@ -169,6 +179,30 @@ def compare(
     print(f"  batched is {ratio:.1f}x faster; largest score difference {difference:.2e}")
 
 
+def compare_loading(count: int) -> None:
+    """Seconds to load `count` photo candidates in full one by one, and as search loads them."""
+    with tempfile.TemporaryDirectory() as directory:
+        container = Container(Settings(data_dir=Path(directory)))
+        hits = [Hit(id=path.stem, score=0.0, payload={"paths": [str(path)]}) for path in make_photos(count)]
+        side = decode_side(build_tiny_processor(WORDS, image_size=FULL_IMAGE, patch_size=FULL_PATCH).image_processor)
+        drafted = partial(container.load_hit_image, draft_size=side)  # what hit_image_loader(vlm) gives search
+        modes: dict[str, Callable[[], object]] = {
+            "in full, one by one": lambda: [container.load_hit_image(hit) for hit in hits],
+            f"draft to >= {side} px, in parallel": lambda: load_images(drafted, hits),
+        }
+        runs: dict[str, list[float]] = {mode: [] for mode in modes}
+        for _ in range(2):
+            for mode, load in modes.items():
+                started = time.perf_counter()
+                load()
+                runs[mode].append(time.perf_counter() - started)
+    print(f"\nloading {count} candidates (4000x3000 JPEG) for a {FULL_IMAGE} px model, best of 2:")
+    for mode, seconds in runs.items():
+        print(f"  {mode:<31}{min(seconds):>8.3f} s")
+    ratio = min(next(iter(runs.values()))) / min(list(runs.values())[1])
+    print(f"  search's loading is {ratio:.1f}x faster")
+
+
 def saved_model(directory: Path, size: str, method: str) -> VisionLanguageModel:
     """A random model of one of SIZES, saved and loaded back through the production loader."""
     sizes, image_size, patch_size = SIZES[size]
@@ -201,7 +235,8 @@ def main() -> None:
     parser.add_argument("--method", choices=["vqa", "caption"], default="vqa")
     parser.add_argument("--full-size", action="store_true", help="also time a 1.3B-shaped model (~8 GB RAM)")
     parser.add_argument("--full-candidates", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each mode (small model)")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs of each mode (small models)")
+    parser.add_argument("--photos", action="store_true", help="also time loading 12 MP candidates (cached corpus)")
     args = parser.parse_args()
 
     gpu = "none (CPU only; no GPU figures measured)"
@@ -221,6 +256,8 @@ def main() -> None:
         full = full_size_model(args.method)
         label = "1.3B-shaped model (576 image tokens)"
         compare(full, make_images(args.full_candidates), args.method, label, repeats=1)
+    if args.photos:
+        compare_loading(args.candidates)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"\nprocess peak RSS over the whole run: {peak / 2**30:.2f} GiB")
 

@@ -58,7 +58,8 @@ def main(root: Path = DEMO_DIR, scenes: int = 300) -> None:
         if vlm is not None:
             rankings.append((f"CLIP + rerank ({vlm.score_method})", Query(text=text, k=5, rerank=True, captions=True)))
         for label, query in rankings:
-            hits = search(store, encoder, query, scorer=vlm, captioner=vlm, load_hit_image=container.load_hit_image)
+            loader = container.hit_image_loader(vlm)
+            hits = search(store, encoder, query, scorer=vlm, captioner=vlm, load_hit_image=loader)
             print(f'\nsearch "{text}"  [{label}]')
             for rank, hit in enumerate(hits, 1):
                 scene = scenes_by_path.get(str(Path(hit.path or "").resolve()))

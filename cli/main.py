@@ -165,7 +165,7 @@ def _run_query(container: Container, collection: str | None, query: Query, as_js
         max_k=container.settings.max_k,
         scorer=vlm,
         captioner=vlm,
-        load_hit_image=container.load_hit_image,
+        load_hit_image=container.hit_image_loader(vlm),
     )
     store.close()
     if as_json:
@@ -454,7 +454,7 @@ def caption(
             hit.payload = {**hit.payload, "captions": kept}
     chunk = max(1, container.settings.vlm_chunk_size) * 4
     for start in range(0, len(hits), chunk):  # saved as it goes: an interrupted run keeps what it captioned
-        add_captions(store, hits[start : start + chunk], generator, container.load_hit_image)
+        add_captions(store, hits[start : start + chunk], generator, container.hit_image_loader(generator))
     store.close()
     rows = [{"id": hit.id, "path": hit.path, "caption": hit.payload["captions"][generator.identity]} for hit in hits]
     if as_json:

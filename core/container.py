@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,15 +79,24 @@ class Container:
             caption_prompt=self.settings.caption_prompt,
         )
 
-    def load_hit_image(self, hit: Hit) -> Image.Image:
-        """The stored image behind a hit, decoded safely from the first of its paths that still exists."""
+    def load_hit_image(self, hit: Hit, draft_size: int | None = None) -> Image.Image:
+        """The stored image behind a hit, decoded safely from the first of its paths that still exists.
+
+        draft_size: a JPEG may be decoded scaled down (1/2 to 1/8) as long as both sides stay at least this.
+        """
         paths = [Path(p) for p in hit.payload.get("paths", [])]
         existing = next((p for p in paths if p.exists()), None)
         if existing is None:
             raise UnreadableFile(
                 f"image {hit.id}", f"no longer on disk (paths: {', '.join(map(str, paths)) or 'none'})"
             )
-        return load_image(existing, self.decode_limits).image
+        return load_image(existing, self.decode_limits, draft_size=draft_size).image
+
+    def hit_image_loader(self, vlm: VisionLanguageModel | None) -> Callable[[Hit], Image.Image]:
+        """How search loads hits for the generative model: decoded no larger than it uses (`decode_side`)."""
+        if vlm is None:
+            return self.load_hit_image
+        return partial(self.load_hit_image, draft_size=vlm.decode_side)
 
     def model_was_chosen(self) -> bool:
         """Whether the user named a model (flag or environment) rather than leaving the default."""

@@ -31,6 +31,13 @@ def input_side(image_processor: Any) -> int:
     return max(int(max(size["height"], size["width"])) for size in sizes if size)
 
 
+def decode_side(image_processor: Any) -> int:
+    """The smallest side worth decoding a candidate at: `prepare` shrinks anything larger to about this, so a
+    JPEG decoded straight to it (draft mode, scaled by 1/2 to 1/8 in the decoder) loses nothing the model sees
+    and costs a fraction of a full decode."""
+    return _HEADROOM * input_side(image_processor)
+
+
 def prepare(image: Image.Image, side: int) -> Image.Image:
     """RGB, shrunk by the largest whole factor that keeps its longer side at least `_HEADROOM` × `side`.
 

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import GenerationConfig
 
 from reranker.errors import EmptyQuery, PromptTooLong, UnknownScoreMethod, UnsupportedModel
-from reranker.images import input_side, prepare_all
+from reranker.images import decode_side, input_side, prepare_all
 from reranker.loading import (
     MODEL_SETTING,
     PREFERENCES_FILE,
@@ -193,6 +193,11 @@ class VisionLanguageModel:
         """The (yes, no) token ids the vqa score sums: those variants of Yes / No that are one token."""
         self.load()
         return list(self._yes_ids), list(self._no_ids)
+
+    @property
+    def decode_side(self) -> int:
+        """Decode candidates with both sides at least this (JPEG draft): smaller than a photo, all the model uses."""
+        return decode_side(self.processor.image_processor)
 
     @property
     def max_context(self) -> int:

@@ -77,8 +77,9 @@ def forward_with_features(
     cache.batch_repeat_interleave(rows)
     output = model(
         input_ids=inputs["input_ids"][:, prefix_length:],
-        attention_mask=inputs["attention_mask"],
-        position_ids=inputs["position_ids"][:, prefix_length:],
+        # Rows that share a prefix are of one length (shared_prefix_length): no padding to mask, and one row of
+        # positions serves them all (the rotary tables are made once, not per row). The same logits, sooner.
+        position_ids=inputs["position_ids"][:1, prefix_length:],
         cache=cache,
         mm_encoder_outputs={"image": encoded},
         logits_to_keep=logits_to_keep,

@@ -7,6 +7,7 @@ queries; CI checks smaller seeded sets against floors a stated margin under thos
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from transformers import DeepseekVLForConditionalGeneration
 from core.container import Container
 from core.settings import Settings
 from models import MODELS_DIR
-from models.shapes_world import Scene, generate_scenes, render
+from models.shapes_world import Scene, generate_scenes, render, true_captions
 from models.train_vlm import (
     Prompts,
     build_model,
@@ -34,6 +35,7 @@ from models.train_vlm import (
 from reranker.images import prepare
 from reranker.model import VisionLanguageModel
 from reranker.scoring import SCORE_METHODS
+from retriever.store import Hit
 
 CHECKPOINT = MODELS_DIR / "shapes-vlm"
 # Targets of the issue, and the margin CI allows under them on its small sets (40 scenes: one scene is 0.025).
@@ -142,3 +144,25 @@ def test_patch_labels_name_the_covering_object_and_its_relations() -> None:
     assert on_objects.any() and not on_objects.all()
     assert (labels[3:, ~on_objects] == 0).all(), "background patches stand in no relation"
     assert labels[3:, on_objects].any(), "two objects always stand in some relation"
+
+
+def test_photos_decoded_at_the_models_size_score_and_caption_as_decoded_in_full(
+    vlm: VisionLanguageModel, scenes: list[Scene], tmp_path: Path
+) -> None:
+    """Search decodes candidates for the generative model with JPEG draft (1/2 to 1/8 in the decoder), to both
+    sides at least `decode_side`: a fraction of a full decode of a photo, for the same captions and ranking."""
+    container = Container(Settings(data_dir=tmp_path / "data", vlm_model="shapes-vlm", vlm_device="cpu"))
+    hits = []
+    for index, scene in enumerate(scenes[:12]):
+        path = tmp_path / f"{index}.jpg"
+        render(scene, 1024).save(path, quality=92)
+        hits.append(Hit(id=str(index), score=0.0, payload={"paths": [str(path)]}))
+    full = [container.load_hit_image(hit) for hit in hits]
+    drafted = [container.hit_image_loader(vlm)(hit) for hit in hits]
+    assert all(image.size == (1024, 1024) for image in full)
+    assert all(vlm.decode_side <= min(image.size) and max(image.size) <= 512 for image in drafted)
+    assert vlm.caption(drafted) == vlm.caption(full)
+    query = next(caption for scene in scenes[:12] for caption in true_captions(scene, ("relation",)))
+    full_scores, drafted_scores = vlm.score(query, full), vlm.score(query, drafted)
+    assert np.argsort(drafted_scores).tolist() == np.argsort(full_scores).tolist()
+    assert max(abs(a - b) for a, b in zip(full_scores, drafted_scores, strict=True)) < 0.05
