@@ -236,6 +236,7 @@ class PayloadDB:
         self._mirror: dict[int, tuple[str, str]] | None = None
         self._mirror_seq = -1  # the last row of `changes` applied to it; -1: never read
         self._mirror_header = b""  # the WAL-index header seen before it was last brought up to date
+        self._mirror_excess = 0  # points over MIRROR_MAX_POINTS when last counted: the deletes it takes to fit
         # after the first reads: the -shm file exists and is initialised
         self._commits = CommitWatch.open(Path(f"{path}-shm")) if wal else None
 
@@ -608,6 +609,8 @@ class PayloadDB:
             last = int(row[0]) if row else 0
             if self._mirror is not None and last == self._mirror_seq:
                 return  # a commit that changed no point (a vector-less meta write, a checkpoint)
+            if self._mirror is None and self._mirror_seq >= 0 and last - self._mirror_seq < self._mirror_excess:
+                return  # still too large: fitting takes a delete (a row of the log) per point over the limit
             oldest = conn.execute("SELECT min(seq) FROM changes").fetchone()[0]
             if self._mirror is not None and oldest is not None and oldest <= self._mirror_seq + 1:
                 changed = [
@@ -621,11 +624,11 @@ class PayloadDB:
                         self._mirror.pop(fid, None)
                     else:
                         self._mirror[fid] = point
-            elif conn.execute("SELECT count(*) FROM points").fetchone()[0] <= MIRROR_MAX_POINTS:
+            elif (count := conn.execute("SELECT count(*) FROM points").fetchone()[0]) <= MIRROR_MAX_POINTS:
                 rows = conn.execute("SELECT fid, id, payload FROM points")
                 self._mirror = {fid: (point_id, text) for fid, point_id, text in rows}
             else:
-                self._mirror = None
+                self._mirror, self._mirror_excess = None, count - MIRROR_MAX_POINTS
             self._mirror_seq = last
         finally:
             conn.execute("COMMIT")

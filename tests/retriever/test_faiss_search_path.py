@@ -276,7 +276,11 @@ def test_a_collection_too_large_for_memory_reads_the_hits_from_sqlite(
     for i in (0, 9, 31):
         assert as_tuples(store.search(points.vectors[i], k=1))[0][::2] == (points.ids[i], points.payloads[i])
     assert store._db._mirror is None
-    store.delete(points.ids[:10])  # down to the limit: kept in memory again
+    store.delete(points.ids[:5])  # still 5 over: not even counted again
+    statements = traced(store)
+    assert store.search(points.vectors[31], k=1)[0].payload == points.payloads[31]
+    assert not any("count(*)" in statement for statement in statements) and store._db._mirror is None
+    store.delete(points.ids[5:10])  # down to the limit: kept in memory again
     assert store.search(points.vectors[31], k=1)[0].payload == points.payloads[31]
     assert store._db._mirror is not None and len(store._db._mirror) == 40
     store.close()
