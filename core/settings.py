@@ -56,13 +56,23 @@ class Settings(BaseSettings):
     # (retriever.faiss_store.default_ef_search); Qdrant server uses 128.
     hnsw_ef_search: int | None = Field(default=None, ge=1)
     ivf_nprobe: int = Field(default=16, ge=1)  # IVF-PQ lists searched per query (recall against speed)
+    # Many processes share a collection: how long a read or write waits for another process's write lock before
+    # it fails with StoreBusy (seconds).
+    lock_timeout: float = Field(default=5.0, gt=0)
+    # Processes that search keep every point's id and payload in memory up to this many points (0: never);
+    # larger collections read each search's hits from SQLite. See README ("Payloads in memory").
+    payload_cache_max_points: int = Field(default=4_000_000, ge=0)
+    faiss_device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU build of faiss with a GPU, else CPU
     qdrant_url: str | None = None  # e.g. http://qdrant:6333
     qdrant_api_key: SecretStr | None = None
     qdrant_path: Path | None = None  # default: data_dir/qdrant
 
     # Indexing.
     batch_size: int = 32
-    decode_workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2)))
+    decode_workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2)), ge=1)
+    # Threads that decode and prepare rerank/caption candidates in one process (each API or worker process has
+    # its own pool of this size, so it is not every core per process).
+    image_workers: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 2)), ge=1)
     max_image_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 100_000_000
 

@@ -1,12 +1,33 @@
-"""Errors a user can meet while reading images or loading the encoder; every message names the file or setting."""
+"""Every error vlsearch reports to a user, from its base class up: the bottom of the dependency graph.
+
+Each error has a `category` that says what kind of failure it is, for the API to map to one HTTP status
+(invalid_input 400/422, not_found 404, conflict 409, too_large 413, unavailable 503) and for the CLI's exit.
+Messages name the file or setting to change.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar, Literal
+
+ErrorCategory = Literal["invalid_input", "not_found", "conflict", "too_large", "unavailable"]
+ERROR_CATEGORIES: tuple[ErrorCategory, ...] = ("invalid_input", "not_found", "conflict", "too_large", "unavailable")
 
 
 class VlsearchError(Exception):
-    """Base of every error vlsearch reports to a user (the CLI prints it on one line, the API as 4xx JSON)."""
+    """Base of every error vlsearch reports to a user (the CLI prints it on one line, the API as JSON)."""
+
+    category: ClassVar[ErrorCategory] = "invalid_input"
+
+
+class InvalidSetting(VlsearchError):
+    """A setting (environment variable or option) whose value cannot work; the message names the variable."""
+
+
+class StoreUnavailable(VlsearchError):
+    """A store that cannot answer now: a database locked longer than the wait allowed, a server out of reach."""
+
+    category: ClassVar[ErrorCategory] = "unavailable"
 
 
 class DecodeError(VlsearchError):
@@ -29,10 +50,17 @@ class CorruptImage(DecodeError):
 class ImageTooLarge(DecodeError):
     """Over the byte or pixel limit (decompression bombs are refused before decoding)."""
 
+    category: ClassVar[ErrorCategory] = "too_large"
+
 
 class UnreadableFile(DecodeError):
-    """The file could not be read: missing, permission denied, a symbolic link loop, an I/O error."""
+    """The file could not be read: missing, permission denied, a symbolic link loop, an I/O error, or it changed
+    while it was read."""
+
+    category: ClassVar[ErrorCategory] = "not_found"
 
 
 class WeightsUnavailable(VlsearchError):
     """Model weights could not be found or fetched; the message names the setting to change."""
+
+    category: ClassVar[ErrorCategory] = "unavailable"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from indexer.errors import VlsearchError
+from typing import ClassVar
+
+from indexer.errors import ErrorCategory, VlsearchError
 
 
 class UnsupportedModel(VlsearchError):
@@ -15,6 +17,8 @@ class UnknownScoreMethod(VlsearchError):
 
 class PromptTooLong(VlsearchError):
     """A query (or question) that does not fit, with its prompt, in the model's context."""
+
+    category: ClassVar[ErrorCategory] = "too_large"
 
 
 class EmptyQuery(VlsearchError):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from indexer.errors import VlsearchError
+from indexer.errors import ErrorCategory, VlsearchError
 from retriever.errors import EncoderMismatch, InvalidQuery
 
 Payload = dict[str, Any]
@@ -89,6 +89,63 @@ class Filter:
         return True
 
 
+LIST_FIELDS = ("paths", "tags")  # payload fields that hold a list of distinct strings
+CAPTIONS_FIELD = "captions"  # {model identity: caption}
+
+
+@dataclass(frozen=True)
+class PayloadUpdate:
+    """A change to some fields of one payload, applied by the store in one transaction (never a whole payload
+    read earlier and written back, which would lose what another process wrote meanwhile).
+
+    set:      fields to set to these values (a value of None removes the field)
+    add:      list fields (`paths`, `tags`): values appended when not present yet, in the order given
+    remove:   list fields: values removed where present
+    captions: entries of the `captions` mapping to set ({model identity: caption}); other models' stay
+    Order of application: set, remove, add, captions. An update that changes nothing writes nothing.
+    """
+
+    set: dict[str, Any] = field(default_factory=dict)
+    add: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    remove: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    captions: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in (*self.add, *self.remove):
+            if name not in LIST_FIELDS:
+                raise InvalidQuery(f"payload field {name!r} is not a list field ({', '.join(LIST_FIELDS)})")
+        for name in self.set:
+            if name in (*self.add, *self.remove) or (name == CAPTIONS_FIELD and self.captions):
+                raise InvalidQuery(f"payload field {name!r} is both set and changed in one update")
+
+    def is_empty(self) -> bool:
+        return not (self.set or self.add or self.remove or self.captions)
+
+    def apply(self, payload: Payload) -> Payload:
+        """The reference semantics: the payload after this update (a new dict; `payload` is not changed)."""
+        result = dict(payload)
+        for name, value in self.set.items():
+            if value is None:
+                result.pop(name, None)
+            else:
+                result[name] = value
+        for name, values in self.remove.items():
+            if name in result:
+                gone = set(values)
+                result[name] = [value for value in result[name] if value not in gone]
+        for name, values in self.add.items():
+            current = list(result.get(name) or [])
+            known = set(current)
+            for value in values:
+                if value not in known:
+                    current.append(value)
+                    known.add(value)
+            result[name] = current
+        if self.captions:
+            result[CAPTIONS_FIELD] = {**(result.get(CAPTIONS_FIELD) or {}), **self.captions}
+        return result
+
+
 @dataclass
 class Record:
     """A stored point: id, payload and (when asked for) its vector."""
@@ -155,7 +212,19 @@ class VectorStore(Protocol):
         ...
 
     def set_payload(self, id: str, payload: Payload) -> None:
-        """Replace one point's payload, keeping its vector."""
+        """Replace one point's payload, keeping its vector (PointNotFound when it does not exist).
+
+        Only for a payload built whole by the caller: to change fields, use update_payloads.
+        """
+        ...
+
+    def update_payloads(self, updates: Mapping[str, PayloadUpdate]) -> dict[str, Payload]:
+        """Apply each id's PayloadUpdate to the payload as stored now (one transaction where the store has them):
+        returns the new payloads of the ids that exist; ids that do not exist are left out."""
+        ...
+
+    def ids_by_path(self, paths: Sequence[str]) -> dict[str, str]:
+        """path -> id of the stored image holding it, for the paths that some image holds (an index, no scan)."""
         ...
 
     def delete(self, ids: Sequence[str]) -> int:
@@ -190,8 +259,9 @@ class VectorStore(Protocol):
         (ties by id; see retriever/keywords.py), restricted by filter. Text without words finds nothing."""
         ...
 
-    def save(self) -> None:
-        """Make every change so far durable (atomic: a crash leaves the previous state loadable)."""
+    def save(self) -> bool:
+        """Make every change so far durable (atomic: a crash leaves the previous state loadable); True when it
+        completed, False when part of it had to wait for other processes (what committed is still safe)."""
         ...
 
     def close(self) -> None: ...
@@ -199,6 +269,8 @@ class VectorStore(Protocol):
 
 class MigrationIncomplete(VlsearchError):
     """After a copy between stores the target does not hold what the source holds."""
+
+    category: ClassVar[ErrorCategory] = "conflict"
 
 
 @dataclass(frozen=True)
