@@ -20,37 +20,58 @@ Keyword search reads SQLite alone: an FTS5 index of the words of paths, tags and
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import heapq
 import json
 import math
 import os
+import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
 
 from retriever.errors import (
+    CollectionClosed,
     CollectionCorrupt,
     CollectionNotFound,
     EncoderMismatch,
     InvalidQuery,
     InvalidStoreSettings,
+    PointNotFound,
+    SaveFailed,
+    StoreBusy,
+    StoreUnavailable,
 )
 from retriever.keywords import bm25, idf, query_terms
-from retriever.payload_db import PayloadDB, VectorChanges
-from retriever.store import Filter, Hit, Manifest, Payload, Record, check_page, checked_query_vector
+from retriever.payload_db import MIRROR_MAX_POINTS, PayloadDB, VectorChanges
+from retriever.store import (
+    Filter,
+    Hit,
+    Manifest,
+    Payload,
+    PayloadUpdate,
+    Record,
+    check_page,
+    checked_query_vector,
+)
 
 MANIFEST_FILE = "manifest.json"
 PAYLOADS_FILE = "payloads.sqlite"
 INDEX_FILE = "index.faiss"
 INDEX_META_FILE = "index.json"
+SAVE_LOCK_FILE = ".save.lock"  # held while index.faiss and index.json are replaced, so they agree
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 
 HNSW_REBUILD_FRACTION = 0.2  # rebuild the graph when this share of its nodes are tombstones
@@ -331,6 +352,9 @@ def _wrap_loaded(
 
 # --- files -------------------------------------------------------------------------------------------------
 
+TEMP_FILE_GRACE_SECONDS = 60.0  # an unlocked `.new` temp file younger than this is never taken for abandoned
+_CREATE_LOCK_POLL_SECONDS = 0.01
+
 
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
@@ -341,19 +365,28 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write path through a temp file in its directory: fsync it, rename it over path, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write path through a temp file in its directory: fsync it, rename it over path, fsync the directory.
+
+    The temp file's name is unique (pid and a random token) and it is flock-ed for as long as it exists under a
+    `.tmp` name: it is made as `.new`, locked, and only then renamed to `.tmp`. So a process cleaning up
+    abandoned temp files (maybe in another container, whose pids mean nothing here) never deletes one that a
+    live writer is writing, and deletes a dead writer's at once.
+    """
+    stem = f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+    staging, tmp = path.with_name(stem + ".new"), path.with_name(stem + ".tmp")
+    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(staging, tmp)
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(fd)
         os.replace(tmp, path)
     except BaseException:
+        staging.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)  # releases the flock
     _fsync_directory(path.parent)
 
 
@@ -365,21 +398,33 @@ def _write_text_atomically(path: Path, text: str) -> None:
 
 
 def _remove_abandoned_temp_files(directory: Path) -> None:
-    """Delete temp files left by a process killed mid-save (the pid in the name is no longer running)."""
+    """Delete temp files left by a process killed mid-save: a `.tmp` file nobody holds the flock of (a writer
+    holds it until the rename; a dead one's is gone with it), and a `.new` one past the grace period (a writer
+    dies between making and locking it only by a rare chance)."""
+    now = time.time()
+    for stale in directory.glob(".*.new"):
+        with suppress(OSError):
+            if now - stale.stat().st_mtime > TEMP_FILE_GRACE_SECONDS:
+                stale.unlink(missing_ok=True)
     for tmp in directory.glob(".*.tmp"):
         try:
-            pid = int(tmp.name.split(".")[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # being written
+        else:
             tmp.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
-            continue  # not ours, or a live process of another user
+        finally:
+            os.close(fd)
 
 
 def _remove_collection_files(directory: Path) -> None:
     """Delete every file a collection keeps, the manifest first: without it the rest is not a collection."""
     (directory / MANIFEST_FILE).unlink(missing_ok=True)
-    for pattern in (INDEX_FILE, INDEX_META_FILE, f"{PAYLOADS_FILE}*", ".*.tmp"):
+    for pattern in (INDEX_FILE, INDEX_META_FILE, f"{PAYLOADS_FILE}*", ".*.tmp", ".*.new"):
         for path in directory.glob(pattern):
             path.unlink(missing_ok=True)
 
@@ -392,16 +437,45 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+@contextmanager
+def _file_lock(path: Path, timeout: float, what: str) -> Iterator[None]:
+    """An exclusive flock on path (created if missing), across processes, waited for at most timeout seconds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreBusy(
+                        f"{what}: another process held {path} for more than {timeout:g}s (VLSEARCH_LOCK_TIMEOUT)"
+                    ) from None
+                time.sleep(_CREATE_LOCK_POLL_SECONDS)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _creation_lock_path(directory: Path) -> Path:
+    """Beside the collection's directory, so that dropping the directory leaves the lock in place."""
+    return directory.parent / f".{directory.name}.lock"
+
+
 # --- locking -----------------------------------------------------------------------------------------------
 
 
 class _ReadWriteLock:
-    """Many readers or one writer. A waiting writer holds back new readers, so searches cannot starve upserts.
+    """Many readers or one writer, in one process. A waiting writer holds back new readers, so searches cannot
+    starve the index's updates. Waits are bounded: past `timeout` seconds StoreBusy is raised.
 
     Not reentrant: public methods take it once and call private helpers that assume it is held.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float = 5.0) -> None:
+        self.timeout = timeout
         self._mutex = threading.RLock()
         self._cond = threading.Condition(self._mutex)  # readers enter `with self._mutex`: one C call, no frame
         self._readers = 0
@@ -413,13 +487,27 @@ class _ReadWriteLock:
         """`with lock.read():` holds a read lock for the block (one shared object: it keeps no state per use)."""
         return self._reading
 
+    def _wait(self, blocked: Callable[[], bool]) -> None:
+        """Wait on the condition (mutex held) while blocked(), at most timeout seconds."""
+        deadline = None
+        while blocked():
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreBusy(
+                    f"the collection stayed busy with a write for more than {self.timeout:g}s (VLSEARCH_LOCK_TIMEOUT)"
+                )
+            self._cond.wait(left)
+
     @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
             self._writers_waiting += 1
-            while self._writing or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
+            try:
+                self._wait(lambda: self._writing or bool(self._readers))
+            finally:
+                self._writers_waiting -= 1
             self._writing = True
         try:
             yield
@@ -439,8 +527,8 @@ class _ReadSide:
     def __enter__(self) -> None:
         lock = self._lock
         with lock._mutex:
-            while lock._writing or lock._writers_waiting:
-                lock._cond.wait()
+            if lock._writing or lock._writers_waiting:
+                lock._wait(lambda: lock._writing or bool(lock._writers_waiting))
             lock._readers += 1
 
     def __exit__(
@@ -453,33 +541,124 @@ class _ReadSide:
                 lock._cond.notify_all()
 
 
+# --- errors ------------------------------------------------------------------------------------------------
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _store_errors(method: _F) -> _F:
+    """SQLite's and the disk's errors as vlsearch errors naming the collection (never a raw sqlite3 error)."""
+
+    @functools.wraps(method)
+    def wrapper(self: FaissStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError as error:
+            raise self._sqlite_error(error) from error
+        except sqlite3.DatabaseError as error:
+            raise CollectionCorrupt(f"collection {self.name!r} ({self.directory}) cannot be read: {error}") from error
+
+    return wrapper  # type: ignore[return-value]
+
+
 # --- the store ---------------------------------------------------------------------------------------------
+
+# Every FaissStore of this process, for the fork handler: a child reopens its own files and index, never sharing
+# the parent's SQLite connections (SQLite forbids it) or locks (a parent thread may hold one at the fork).
+_OPEN_STORES: weakref.WeakSet[FaissStore] = weakref.WeakSet()
+# The parent's PayloadDBs, kept referenced in a child so that they are never closed (or checkpointed) there.
+_ABANDONED_IN_CHILD: list[PayloadDB] = []
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_OPEN_STORES):
+        store._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class FaissStore:
     """A collection in one directory: SQLite payloads and vectors, and a FAISS index (flat, hnsw or ivfpq).
 
-    Thread-safe: searches and reads run concurrently; writes (upsert, delete, save) run alone.
-    One process at a time should write a collection.
+    Thread-safe, and safe to share with other processes: searches and reads run concurrently; writes commit to
+    SQLite (one writer at a time, across processes, each waiting at most lock_timeout) and then update this
+    process's index; other processes' commits are caught up with before a search, by reading the change log.
     """
 
-    def __init__(self, directory: Path, manifest: Manifest, settings: IndexSettings) -> None:
-        """Use `FaissStore.open`; this assumes the manifest is checked and the directory exists."""
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        settings: IndexSettings,
+        lock_timeout: float = 5.0,
+        payload_cache_max_points: int = MIRROR_MAX_POINTS,
+        maintain: bool = False,
+    ) -> None:
+        """Use `FaissStore.open`; this assumes the manifest is checked and the directory exists.
+
+        maintain: train or rebuild the index now if it is due (a writer's open; readers never do).
+        """
         self.directory = directory
         self.name = directory.name
         self.manifest = manifest
         self.settings = settings
-        self._lock = _ReadWriteLock()
+        self.lock_timeout = lock_timeout
+        self._cache_max_points = payload_cache_max_points
         self._closed = False
-        self._db = PayloadDB(directory / PAYLOADS_FILE, manifest.dim)
-        self._generation = -1  # the SQLite generation the in-memory index reflects
+        self._pid = os.getpid()
+        self._reopen_lock = threading.Lock()
+        self._needs_reopen = False
+        self._lock = _ReadWriteLock(lock_timeout)
+        self._write_mutex = threading.Lock()  # this process's writers, one at a time
+        self._open_files()
+        if maintain:
+            with self._lock.write():
+                self._maintain_index()
+        _OPEN_STORES.add(self)
+
+    def _open_files(self) -> None:
+        """Open SQLite and load the index (the constructor's work, again in a forked child)."""
         try:
-            _remove_abandoned_temp_files(directory)
-            self._index, self._unsaved = self._load_index()
-            self._maintain_index()
+            self._db = PayloadDB(
+                self.directory / PAYLOADS_FILE, self.manifest.dim, self.lock_timeout, self._cache_max_points
+            )
+        except sqlite3.OperationalError as error:
+            raise self._sqlite_error(error) from error
+        # Where the index stands against SQLite: the generation, the change log's last row and next_fid it mirrors.
+        self._generation = -1
+        self._seq = 0
+        self._next_fid = 0
+        self._unsaved = False  # this process changed the index since it was last saved (only writers save)
+        self._file_is_stale = False  # the index file on disk lags SQLite (a writer's next save rewrites it)
+        self._loaded_meta: dict[str, Any] = {}
+        try:
+            _remove_abandoned_temp_files(self.directory)
+            self._index = self._load_index()
+        except sqlite3.OperationalError as error:
+            self._db.close()
+            raise self._sqlite_error(error) from error
         except BaseException:
             self._db.close()
             raise
+
+    def _forked(self) -> None:
+        """In a forked child: leave the parent's connections and locks alone; reopen on first use."""
+        _ABANDONED_IN_CHILD.append(self._db)
+        self._reopen_lock = threading.Lock()
+        self._lock = _ReadWriteLock(self.lock_timeout)
+        self._write_mutex = threading.Lock()
+        self._needs_reopen = not self._closed
+
+    def _sqlite_error(self, error: sqlite3.OperationalError) -> Exception:
+        text = str(error)
+        where = f"collection {self.name!r} ({self.directory})"
+        if "locked" in text or "busy" in text:
+            return StoreBusy(
+                f"{where} stayed locked by another process's write for more than {self.lock_timeout:g}s "
+                f"(VLSEARCH_LOCK_TIMEOUT): {text}"
+            )
+        return StoreUnavailable(f"{where} cannot be used: {text}")
 
     @classmethod
     def open(
@@ -493,39 +672,45 @@ class FaissStore:
         ivf_nlist: int | None = None,
         pq_m: int = 32,
         ivf_nprobe: int = 16,
+        lock_timeout: float = 5.0,
+        payload_cache_max_points: int = MIRROR_MAX_POINTS,
     ) -> FaissStore:
         """Open the collection in `directory`, or create it with `manifest` when it does not exist.
 
-        An existing collection opened with another encoder, weights or dim raises EncoderMismatch; with
-        another index_type, its index is rebuilt as that type. Missing without a manifest: CollectionNotFound.
+        Creating is safe when several processes do it at once: under a lock file beside the directory, the first
+        creates and the others open what it made. An existing collection opened with another encoder, weights or
+        dim raises EncoderMismatch; with another index_type, its index is rebuilt as that type. Missing without
+        a manifest: CollectionNotFound. A writer's open (with a manifest) trains or rebuilds an index that is due.
         """
         directory = Path(directory)
         settings = IndexSettings(hnsw_m, hnsw_ef_search, ivf_nlist, ivf_nprobe, pq_m, hnsw_ef_construction)
+        options: dict[str, Any] = {"lock_timeout": lock_timeout, "payload_cache_max_points": payload_cache_max_points}
         manifest_path = directory / MANIFEST_FILE
-        if not manifest_path.exists():
-            if manifest is None:
-                raise CollectionNotFound(
-                    f"no collection at {directory} (no {MANIFEST_FILE}); index images into it first"
-                )
-            settings.check(manifest)
-            directory.mkdir(parents=True, exist_ok=True)
-            _remove_collection_files(directory)  # left by a creation or a drop that did not finish
-            store = cls(directory, manifest, settings)
-            # written last: a directory without a manifest is a creation that did not finish
-            _write_text_atomically(manifest_path, manifest.to_json())
-            return store
-        try:
-            stored = Manifest.from_json(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, TypeError) as error:
-            raise CollectionCorrupt(f"{manifest_path} cannot be read: {error}") from error
-        if manifest is not None:
+        if manifest is None:
+            stored = _read_manifest(directory)
+            settings.check(stored)
+            return cls(directory, stored, settings, **options)
+        settings.check(manifest)
+        if manifest_path.exists():
+            stored = _read_manifest(directory)
+            _check_same_encoder(directory, stored, manifest)
+            if manifest.index_type == stored.index_type:
+                return cls(directory, stored, settings, maintain=True, **options)
+        with _file_lock(_creation_lock_path(directory), lock_timeout, f"creating collection {directory.name!r}"):
+            if not manifest_path.exists():
+                directory.mkdir(parents=True, exist_ok=True)
+                _remove_collection_files(directory)  # left by a creation or a drop that did not finish
+                store = cls(directory, manifest, settings, **options)
+                # written last: a directory without a manifest is a creation that did not finish
+                _write_text_atomically(manifest_path, manifest.to_json())
+                return store
+            stored = _read_manifest(directory)
             _check_same_encoder(directory, stored, manifest)
             if manifest.index_type != stored.index_type:
                 stored = replace(stored, index_type=manifest.index_type)
                 settings.check(stored)
                 _write_text_atomically(manifest_path, stored.to_json())
-        settings.check(stored)
-        return cls(directory, stored, settings)
+        return cls(directory, stored, settings, maintain=True, **options)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -539,53 +724,90 @@ class FaissStore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"collection {self.name!r} ({self.directory}) is closed")
+            raise CollectionClosed(f"collection {self.name!r} ({self.directory}) is closed")
+        if self._needs_reopen:
+            with self._reopen_lock:
+                if self._needs_reopen:  # a forked child's first use: its own connections and index
+                    self._pid = os.getpid()
+                    self._open_files()
+                    self._needs_reopen = False
 
-    def save(self) -> None:
-        """Make every change durable: checkpoint SQLite, then replace index.faiss and index.json atomically.
+    @_store_errors
+    def save(self) -> bool:
+        """Make every change durable: checkpoint SQLite, then (where this process changed the index) replace
+        index.faiss and index.json atomically. True when the checkpoint completed; False when other processes'
+        readers or writer held part of it back (every commit is durable in the WAL all the same).
 
-        A crash at any point leaves a loadable collection (see the module docstring).
+        A crash at any point leaves a loadable collection (see the module docstring). Raises SaveFailed when the
+        disk refuses the index file.
         """
-        with self._lock.write():
-            self._check_open()
-            self._save()
+        self._check_open()
+        with self._write_mutex:
+            with self._lock.write():
+                self._maintain_index()
+            with self._lock.read():  # searches go on while the index is written
+                return self._save()
 
-    def _save(self) -> None:
-        self._db.checkpoint()
-        if not self._unsaved:
-            return
+    def _save(self) -> bool:
+        completed = self._db.checkpoint()
+        if not (self._unsaved or self._file_is_stale):
+            return completed
         index = self._index
+        meta = {
+            "generation": self._generation,
+            "seq": self._seq,
+            "kind": index.kind,
+            "trained_on": index.trained_on if isinstance(index, _IvfPqIndex) else 0,
+            "tombstones": index.tombstones,
+        }
 
         def write_index(tmp: Path) -> None:
             faiss.write_index(index.index, str(tmp))
 
-        _write_atomically(self.directory / INDEX_FILE, write_index)
-        meta = {
-            "generation": self._generation,
-            "kind": index.kind,
-            "trained_on": index.trained_on if isinstance(index, _IvfPqIndex) else 0,
-        }
-        _write_text_atomically(self.directory / INDEX_META_FILE, json.dumps(meta))
-        self._unsaved = False
+        try:
+            # Several processes may save one collection: one at a time, so index.faiss and index.json agree.
+            with _file_lock(self.directory / SAVE_LOCK_FILE, self.lock_timeout, f"saving {self.name!r}"):
+                _write_atomically(self.directory / INDEX_FILE, write_index)
+                _write_text_atomically(self.directory / INDEX_META_FILE, json.dumps(meta))
+        except (OSError, RuntimeError) as error:
+            raise SaveFailed(
+                f"the index of collection {self.name!r} could not be written to {self.directory}: {error}; "
+                "nothing committed is lost (SQLite holds it), the index is rebuilt from it on the next open"
+            ) from error
+        self._unsaved = self._file_is_stale = False
+        return completed
 
     def close(self) -> None:
-        """Save and release the collection; closing twice is harmless."""
-        with self._lock.write():
+        """Release the collection, saving the index first where this process changed it; closing twice is
+        harmless. A process that only searched writes nothing."""
+        if self._closed:
+            return
+        if self._needs_reopen:  # a forked child that never used it: the parent's files are not ours to touch
+            self._closed = True
+            _OPEN_STORES.discard(self)
+            return
+        with self._write_mutex, self._lock.write():
             if self._closed:
                 return
             try:
-                self._save()
+                if self._unsaved:
+                    self._save()
             finally:
                 self._db.close()
                 self._closed = True
+                _OPEN_STORES.discard(self)
 
     def drop(self) -> None:
         """Delete the collection's files from disk (and the directory when nothing else is left in it)."""
-        with self._lock.write():
+        creation = _file_lock(_creation_lock_path(self.directory), self.lock_timeout, f"dropping {self.name!r}")
+        with creation, self._lock.write():
             if not self._closed:
-                self._db.close()
+                if not self._needs_reopen:
+                    self._db.close()
                 self._closed = True
+                _OPEN_STORES.discard(self)
             _remove_collection_files(self.directory)
+            (self.directory / SAVE_LOCK_FILE).unlink(missing_ok=True)
             if self.directory.exists() and not any(self.directory.iterdir()):
                 self.directory.rmdir()
 
@@ -596,44 +818,46 @@ class FaissStore:
             return _HnswIndex.empty(self.manifest.dim, self.settings)
         return _FlatIndex.empty(self.manifest.dim)  # ivfpq starts exact and trains in _maintain_index
 
-    def _load_index(self) -> tuple[_FaissIndex, bool]:
-        """The index from disk made to match SQLite (or rebuilt), and whether it now differs from disk."""
+    def _read_index_file(self) -> tuple[_FaissIndex | None, dict[str, Any]]:
+        """The saved index as the manifest's kind (None when missing, unreadable or of another kind) and its meta."""
         meta = _read_json(self.directory / INDEX_META_FILE)
-        index: _FaissIndex | None = None
         try:
             loaded = faiss.read_index(str(self.directory / INDEX_FILE))
-            index = _wrap_loaded(loaded, self.manifest, self.settings, int(meta.get("trained_on", 0)))
         except RuntimeError:
-            pass  # missing or unreadable: rebuilt from SQLite below
+            return None, meta  # missing or unreadable: rebuilt from SQLite
+        return _wrap_loaded(loaded, self.manifest, self.settings, int(meta.get("trained_on", 0))), meta
+
+    def _load_index(self) -> _FaissIndex:
+        """The index from disk made to match SQLite (or rebuilt). Once per open: a full reconcile by fid sets,
+        which is right whatever the file's age; after it, catch-ups read only the change log."""
+        index, meta = self._read_index_file()
         from_disk = index is not None
         if index is None:
             index = self._empty_index()
-        generation, changed = self._reconcile(index)
-        unsaved = changed or not from_disk or meta.get("generation") != generation
-        self._generation = generation
-        return index, unsaved
+        changed = self._reconcile(index)
+        self._file_is_stale = changed or not from_disk or meta.get("generation") != self._generation
+        self._loaded_meta = meta
+        return index
 
-    def _reconcile(self, index: _FaissIndex) -> tuple[int, bool]:
-        """Add the SQLite vectors the index lacks, drop the fids SQLite no longer has: (the generation the
-        index now mirrors, whether it changed).
+    def _reconcile(self, index: _FaissIndex) -> bool:
+        """Add the SQLite vectors the index lacks, drop the fids SQLite no longer has; record the sync point.
+        Whether the index changed.
 
-        One read transaction: the generation, the fids and their vectors come from one snapshot, so a point
+        One read transaction: the sync point, the fids and their vectors come from one snapshot, so a point
         deleted meanwhile (by another process) is neither asked for nor half added; a later catch-up sees it.
         """
         with self._db.read_transaction():
-            generation = self._db.generation
-            return generation, self._reconcile_in_snapshot(index)
-
-    def _reconcile_in_snapshot(self, index: _FaissIndex) -> bool:
-        live = self._db.matching_fids(None)
-        entries = np.sort(index.entries())
-        dead = np.setdiff1d(entries, live, assume_unique=True)
-        missing = np.setdiff1d(live, entries, assume_unique=True)
-        if len(dead):
-            index.remove(dead)
-        for start in range(0, len(missing), 65536):
-            fids = missing[start : start + 65536]
-            index.add(fids, self._db.vectors(fids))
+            point = self._db.sync_point()
+            live = self._db.matching_fids(None)
+            entries = np.sort(index.entries())
+            dead = np.setdiff1d(entries, live, assume_unique=True)
+            missing = np.setdiff1d(live, entries, assume_unique=True)
+            if len(dead):
+                index.remove(dead)
+            for start in range(0, len(missing), 65536):
+                fids = missing[start : start + 65536]
+                index.add(fids, self._db.vectors(fids))
+        self._generation, self._seq, self._next_fid = point.generation, point.seq, point.next_fid
         return bool(len(dead) or len(missing))
 
     def _rebuild(self, index: _FaissIndex) -> _FaissIndex:
@@ -657,7 +881,11 @@ class FaissStore:
         return trained
 
     def _maintain_index(self) -> None:
-        """Train or retrain IVF-PQ as the collection grows; rebuild an HNSW graph full of tombstones."""
+        """Train or retrain IVF-PQ as the collection grows; rebuild an HNSW graph full of tombstones.
+
+        Writers only (after their own writes, on save, on a writer's open): never inside a search. The rebuilt
+        index is made from one snapshot and then caught up, so it mirrors SQLite like the one it replaces.
+        """
         index = self._index
         if self.manifest.index_type == "ivfpq":
             count = index.live  # the index mirrors SQLite here
@@ -665,39 +893,57 @@ class FaissStore:
                 due = count >= IVF_RETRAIN_GROWTH * max(1, index.trained_on)
             else:
                 due = self.settings.ivf_trainable(count)
-            if due:
-                self._index, self._unsaved = self._train_ivfpq(), True
+            if not due:
+                return
+            with self._db.read_transaction():
+                point = self._db.sync_point()
+                rebuilt: _FaissIndex = self._train_ivfpq()
         elif index.needs_rebuild():
-            self._index, self._unsaved = self._rebuild(self._empty_index()), True
+            with self._db.read_transaction():
+                point = self._db.sync_point()
+                rebuilt = self._rebuild(self._empty_index())
+        else:
+            return
+        self._index, self._unsaved = rebuilt, True
+        self._generation, self._seq, self._next_fid = point.generation, point.seq, point.next_fid
+        self._catch_up()
 
     def _apply(self, changes: VectorChanges) -> None:
-        """Make the index follow a committed SQLite change."""
-        if changes.is_empty():
-            return
-        self._unsaved = True
-        try:
-            if changes.generation == self._generation + 1:
-                if len(changes.removed_fids):
-                    self._index.remove(changes.removed_fids)
-                if len(changes.added_fids):
-                    self._index.add(changes.added_fids, changes.added_vectors)
+        """Make the index follow a committed SQLite change of this process (the RW write lock is held)."""
+        if changes.seq_before != self._seq:
+            self._catch_up()  # another connection committed too: the change log has both, in order
+        else:
+            self._seq = changes.seq_after
+            if not changes.is_empty():
+                self._unsaved = True
+                try:
+                    if len(changes.removed_fids):
+                        self._index.remove(changes.removed_fids)
+                    if len(changes.added_fids):
+                        self._index.add(changes.added_fids, changes.added_vectors)
+                except BaseException:
+                    self._index = self._empty_index()  # the cache can always be rebuilt from SQLite
+                    self._reconcile(self._index)
+                    raise
                 self._generation = changes.generation
-            else:
-                self._catch_up()  # another connection committed too: reconcile by fid sets instead
-        except BaseException:
-            # the cache can always be rebuilt from SQLite
-            self._generation = self._db.generation
-            self._index = self._rebuild(self._empty_index())
-            raise
+            self._next_fid = max(self._next_fid, changes.next_fid)
         self._maintain_index()
 
     def _catch_up(self) -> None:
-        """Bring the index up to date with commits made through another connection (another process)."""
-        if self._db.generation == self._generation:
+        """Bring the index up to date with commits made through other connections (other processes), in
+        proportion to what they changed: the change log names the fids (see PayloadDB.index_delta). An index older
+        than the log reaches back is reconciled in full, as on open."""
+        delta = self._db.index_delta(self._seq, self._next_fid)
+        if delta is None:
+            self._reconcile(self._index)
             return
-        self._generation, changed = self._reconcile(self._index)
-        self._unsaved = changed or self._unsaved
-        self._maintain_index()
+        if not delta.is_empty():
+            if len(delta.removed_fids):
+                self._index.remove(delta.removed_fids)
+            if len(delta.added_fids):
+                self._index.add(delta.added_fids, delta.added_vectors)
+        now = delta.now
+        self._generation, self._seq, self._next_fid = now.generation, now.seq, max(self._next_fid, now.next_fid)
 
     def _ensure_current(self) -> None:
         """Catch up with other processes' writes before a search; no query while nothing has committed."""
@@ -709,6 +955,7 @@ class FaissStore:
                 self._check_open()
                 self._catch_up()
 
+    @_store_errors
     def index_info(self) -> IndexInfo:
         """The index kind, its live and dead entries, and its size on disk."""
         self._ensure_current()
@@ -735,49 +982,101 @@ class FaissStore:
                 f"(weights {self.manifest.weights})"
             )
         if not np.isfinite(array).all():
-            raise ValueError(f"vectors for collection {self.name!r} contain NaN or infinite values")
+            raise InvalidQuery(f"vectors for collection {self.name!r} contain NaN or infinite values")
         return np.ascontiguousarray(array)
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """This process's writers one at a time (bounded wait); searches go on meanwhile."""
+        self._check_open()
+        if not self._write_mutex.acquire(timeout=self.lock_timeout):
+            raise StoreBusy(
+                f"collection {self.name!r} stayed busy with another write of this process for more than "
+                f"{self.lock_timeout:g}s (VLSEARCH_LOCK_TIMEOUT)"
+            )
+        try:
+            self._check_open()
+            yield
+        finally:
+            self._write_mutex.release()
+
+    def _follow(self, seqs: tuple[int, int]) -> None:
+        """After a payload-only commit: the index has nothing to do; keep the sync point moving when no other
+        commit came between (the log is pruned, and a reader it no longer reaches reconciles in full)."""
+        with self._lock.write():
+            if seqs[0] == self._seq:
+                self._seq = seqs[1]
+
+    @_store_errors
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload]) -> None:
         """Insert or overwrite points (one SQLite transaction, one index add); vectors are (len(ids), dim)."""
         array = self._check_vectors(vectors)
         if not len(ids) == len(array) == len(payloads):
-            raise ValueError(f"upsert got {len(ids)} ids, {len(array)} vectors and {len(payloads)} payloads")
+            raise InvalidQuery(f"upsert got {len(ids)} ids, {len(array)} vectors and {len(payloads)} payloads")
         if not len(ids):
             return
-        with self._lock.write():
-            self._check_open()
-            self._apply(self._db.upsert(ids, array, payloads))
+        with self._writing():
+            changes = self._db.upsert(ids, array, payloads)
+            with self._lock.write():
+                self._apply(changes)
 
+    @_store_errors
     def set_payload(self, id: str, payload: Payload) -> None:
-        """Replace one point's payload, keeping its vector; KeyError when the id does not exist."""
-        with self._lock.write():
-            self._check_open()
-            if not self._db.set_payload(id, payload):
-                raise KeyError(f"no point {id!r} in collection {self.name!r} ({self.directory})")
+        """Replace one point's payload, keeping its vector; PointNotFound when the id does not exist.
 
+        Only for a payload built whole by the caller: to change fields, use update_payloads."""
+        with self._writing():
+            seqs = self._db.set_payload(id, payload)
+            if seqs is None:
+                raise PointNotFound(f"no image with id {id!r} in collection {self.name!r} ({self.directory})")
+            self._follow(seqs)
+
+    @_store_errors
+    def update_payloads(self, updates: Mapping[str, PayloadUpdate]) -> dict[str, Payload]:
+        """Apply each id's update to its payload as stored at commit time, all in one transaction; the new
+        payloads of the ids that exist (missing ids are left out). Concurrent updates of other fields, or of
+        other values of a list, from any process, are all kept."""
+        if not updates:
+            return {}
+        with self._writing():
+            payloads, seqs = self._db.update_payloads(updates)
+            self._follow(seqs)
+        return payloads
+
+    @_store_errors
+    def ids_by_path(self, paths: Sequence[str]) -> dict[str, str]:
+        """path -> id of the stored image holding it, for the paths some image holds (an index look-up)."""
+        with self._lock.read():
+            self._check_open()
+            return self._db.ids_by_path(paths)
+
+    @_store_errors
     def delete(self, ids: Sequence[str]) -> int:
         """Delete points; returns how many existed."""
-        with self._lock.write():
-            self._check_open()
+        with self._writing():
             changes = self._db.delete(ids)
-            self._apply(changes)
+            with self._lock.write():
+                self._apply(changes)
             return len(changes.removed_fids)
+
 
     # --- reads ---------------------------------------------------------------------------------------------
 
+    @_store_errors
     def get(self, ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
         """The points that exist among ids, in the order asked."""
         with self._lock.read():
             self._check_open()
             return self._db.get(ids, with_vectors)
 
+    @_store_errors
     def count(self, filter: Filter | None = None) -> int:
         """How many points match filter (all points for None)."""
         with self._lock.read():
             self._check_open()
             return self._db.count(filter)
 
+    @_store_errors
     def scroll(
         self, filter: Filter | None = None, batch_size: int = 1000, with_vectors: bool = False
     ) -> Iterator[Record]:
@@ -791,7 +1090,10 @@ class FaissStore:
         while True:
             with self._lock.read():  # per batch, so a long scroll does not hold writers back
                 self._check_open()
-                batch = self._db.page(filter, after, batch_size, with_vectors)
+                try:
+                    batch = self._db.page(filter, after, batch_size, with_vectors)
+                except sqlite3.OperationalError as error:
+                    raise self._sqlite_error(error) from error
             yield from batch
             if len(batch) < batch_size:
                 return
@@ -801,6 +1103,7 @@ class FaissStore:
         query = checked_query_vector(vector, self.manifest, f"{self.name!r} ({self.directory})")
         return np.ascontiguousarray(query.reshape(1, -1))
 
+    @_store_errors
     def search(
         self,
         vector: np.ndarray,
@@ -839,10 +1142,13 @@ class FaissStore:
         """The best `need` hits as (score, id, payload JSON); the caller holds the read lock."""
         allowed = None if filter is None or filter.is_empty() else self._db.matching_fids(filter)
         if allowed is not None:
+            # SQLite may be ahead of the index (a commit whose index update is on its way): points committed
+            # after the index's sync point are found from the next search on, when it has caught up
+            allowed = allowed[allowed < self._next_fid]
             if not len(allowed):
                 return []
             if self._scan_is_better(len(allowed)):
-                return self._rank(allowed, self._exact_scores(query, allowed), need)
+                return self._rank(*self._exact_scores(query, allowed), need)
         selector, bitmap = self._selector(allowed)
         ranked = self._narrow_top(query, need, selector)
         if ranked is None:
@@ -850,6 +1156,7 @@ class FaissStore:
         del bitmap  # kept alive until here: the selector points into it
         return ranked
 
+    @_store_errors
     def keyword_search(self, text: str, k: int, filter: Filter | None = None, offset: int = 0) -> list[Hit]:
         """Hits offset..offset+k holding any word of text (paths, tags, captions) by descending BM25, ties by id."""
         check_page(k, offset)
@@ -878,9 +1185,12 @@ class FaissStore:
             return False  # the flat index with a selector is already an exact scan, without reading SQLite
         return matches <= max(EXACT_SEARCH_ROWS, EXACT_SEARCH_SHARE * self._index.live)
 
-    def _exact_scores(self, query: np.ndarray, fids: np.ndarray) -> np.ndarray:
-        vectors = self._index.vectors(fids) if self._index.stores_vectors else self._db.vectors(fids)
-        return _inner_products(vectors, query[0])
+    def _exact_scores(self, query: np.ndarray, fids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(fids, exact scores) of those of fids that still exist."""
+        if self._index.stores_vectors:
+            return fids, _inner_products(self._index.vectors(fids), query[0])
+        present, vectors = self._db.present_vectors(fids)  # deleted meanwhile by another connection: left out
+        return present, _inner_products(vectors, query[0])
 
     def _selector(self, allowed: np.ndarray | None) -> tuple[Any | None, np.ndarray | None]:
         """The IDSelector of a search within allowed (the index's default for None), and the bitmap it points
@@ -930,7 +1240,7 @@ class FaissStore:
                 break
             n *= 2
         if not self._index.stores_vectors:
-            scores = _inner_products(self._db.vectors(fids), query[0])  # PQ scores are approximate
+            return self._exact_scores(query, fids)  # PQ scores are approximate
         return fids, scores
 
     def _rank(self, fids: np.ndarray, scores: np.ndarray, need: int) -> list[tuple[float, str, str]]:
@@ -974,6 +1284,23 @@ def _inner_products(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
     """Inner products of each row of vectors with query, as float32."""
     # summed in float64, then rounded: equal vectors score equal wherever BLAS blocks them; ties go by id
     return (vectors.astype(np.float64) @ query.astype(np.float64)).astype(np.float32)
+
+
+def _read_manifest(directory: Path) -> Manifest:
+    """The collection's manifest; CollectionNotFound when there is none, CollectionCorrupt when unreadable."""
+    path = directory / MANIFEST_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CollectionNotFound(
+            f"no collection at {directory} (no {MANIFEST_FILE}); index images into it first"
+        ) from None
+    except OSError as error:
+        raise CollectionCorrupt(f"{path} cannot be read: {error}") from error
+    try:
+        return Manifest.from_json(text)
+    except (ValueError, TypeError) as error:
+        raise CollectionCorrupt(f"{path} cannot be read: {error}") from error
 
 
 def _check_same_encoder(directory: Path, stored: Manifest, asked: Manifest) -> None:

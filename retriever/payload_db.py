@@ -25,7 +25,7 @@ import os
 import sqlite3
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -34,40 +34,58 @@ from typing import Any
 import numpy as np
 
 from retriever.keywords import payload_words
-from retriever.store import Filter, Payload, Record
+from retriever.store import Filter, Payload, PayloadUpdate, Record
 
-SCHEMA_VERSION = 2  # 2: the `texts` full-text index, built on open for collections made before it (`changes`
-# and its triggers are made on open too, with nothing to fill: a copy in memory starts by reading every point)
+SCHEMA_VERSION = 3  # 2: the `texts` full-text index; 3: `point_paths`. Both are built on open for collections
+# made before them, in the one write transaction that an older file needs (`changes` and its triggers likewise, with
+# nothing to fill: a copy in memory starts by reading every point)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS points (
+_SCHEMA_STATEMENTS = (
+    """CREATE TABLE IF NOT EXISTS points (
     fid INTEGER PRIMARY KEY,   -- the FAISS id
     id TEXT NOT NULL UNIQUE,
     payload TEXT NOT NULL      -- JSON; its words are in `texts` under the same fid
-);
--- Apart from `points` so that filter scans over payloads do not read a 2 KB blob per row.
-CREATE TABLE IF NOT EXISTS vectors (
+)""",
+    # Apart from `points` so that filter scans over payloads do not read a 2 KB blob per row.
+    """CREATE TABLE IF NOT EXISTS vectors (
     fid INTEGER PRIMARY KEY,
     vector BLOB NOT NULL       -- float32, little-endian, `dim` values
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1), ('generation', 0), ('next_fid', 0),
-    ('text_documents', 0), ('text_words', 0);
--- The fids of `points` rows changed by each commit, in commit order, for readers' copies in memory to follow.
-CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, fid INTEGER NOT NULL);
-CREATE TRIGGER IF NOT EXISTS points_inserted AFTER INSERT ON points BEGIN
+)""",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1), ('generation', 0), ('next_fid', 0), "
+    "('text_documents', 0), ('text_words', 0)",
+    # The fids of `points` rows changed by each commit, in commit order: readers' copies in memory and FAISS
+    # indexes follow other processes' commits by reading only what changed.
+    "CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, fid INTEGER NOT NULL)",
+    """CREATE TRIGGER IF NOT EXISTS points_inserted AFTER INSERT ON points BEGIN
     INSERT INTO changes (fid) VALUES (NEW.fid);
-END;
-CREATE TRIGGER IF NOT EXISTS points_updated AFTER UPDATE ON points BEGIN
+END""",
+    """CREATE TRIGGER IF NOT EXISTS points_updated AFTER UPDATE ON points BEGIN
     INSERT INTO changes (fid) SELECT OLD.fid UNION SELECT NEW.fid;
-END;
-CREATE TRIGGER IF NOT EXISTS points_deleted AFTER DELETE ON points BEGIN
+END""",
+    """CREATE TRIGGER IF NOT EXISTS points_deleted AFTER DELETE ON points BEGIN
     INSERT INTO changes (fid) VALUES (OLD.fid);
-END;
-"""
+END""",
+)
+
+# Every (path, fid) of the `paths` lists of `points`, kept by triggers: finding the image of a path (delete by path,
+# the pipeline's look-up of a chunk's files) is an index look-up, not a scan of the collection.
+_PATHS_SCHEMA = (
+    "CREATE TABLE point_paths (path TEXT NOT NULL, fid INTEGER NOT NULL, PRIMARY KEY (path, fid)) WITHOUT ROWID",
+    "CREATE INDEX point_paths_fid ON point_paths (fid)",
+    """CREATE TRIGGER paths_inserted AFTER INSERT ON points BEGIN
+    INSERT OR IGNORE INTO point_paths (path, fid)
+        SELECT value, NEW.fid FROM json_each(NEW.payload, '$.paths') WHERE type = 'text';
+END""",
+    """CREATE TRIGGER paths_updated AFTER UPDATE OF payload ON points BEGIN
+    DELETE FROM point_paths WHERE fid = OLD.fid;
+    INSERT OR IGNORE INTO point_paths (path, fid)
+        SELECT value, NEW.fid FROM json_each(NEW.payload, '$.paths') WHERE type = 'text';
+END""",
+    """CREATE TRIGGER paths_deleted AFTER DELETE ON points BEGIN
+    DELETE FROM point_paths WHERE fid = OLD.fid;
+END""",
+)
 
 # The body is pre-tokenised text (words joined by spaces); remove_diacritics 0 keeps FTS5 from folding a word
 # that the tokenizer in retriever/keywords.py (and Qdrant's) keeps as it is.
@@ -94,9 +112,42 @@ class VectorChanges:
     added_vectors: np.ndarray  # float32, (len(added_fids), dim)
     removed_fids: np.ndarray  # int64
     generation: int  # the generation this change produced (unchanged when it is empty)
+    seq_before: int = 0  # the last row of the change log before this transaction
+    seq_after: int = 0  # and after it
+    next_fid: int = 0  # `next_fid` after it
 
     def is_empty(self) -> bool:
         return len(self.added_fids) == 0 and len(self.removed_fids) == 0
+
+
+@dataclass(frozen=True)
+class SyncPoint:
+    """Where a reader of the collection stands: the generation, the last change-log row and next_fid."""
+
+    generation: int
+    seq: int
+    next_fid: int
+
+
+@dataclass(frozen=True)
+class IndexDelta:
+    """What the FAISS index must add and remove to follow the commits since a sync point, and the new one."""
+
+    added_fids: np.ndarray  # int64
+    added_vectors: np.ndarray  # float32, (len(added_fids), dim)
+    removed_fids: np.ndarray  # int64
+    now: SyncPoint
+
+    def is_empty(self) -> bool:
+        return len(self.added_fids) == 0 and len(self.removed_fids) == 0
+
+
+_NO_FIDS = np.empty(0, dtype=np.int64)
+
+
+def _connect(path: Path, lock_timeout: float) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit) that waits lock_timeout for a locked file."""
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=lock_timeout)
 
 
 def filter_sql(filter: Filter | None) -> tuple[str, list[Any]]:
@@ -208,25 +259,40 @@ class CommitWatch:
 
 
 class PayloadDB:
-    """One collection's SQLite file (WAL mode). Not locked itself: the store serialises calls."""
+    """One collection's SQLite file (WAL mode), safe to share with other processes.
 
-    def __init__(self, path: Path, dim: int) -> None:
+    Three connections: writes (`_write_conn`, one explicit BEGIN IMMEDIATE transaction each, serialised by
+    `_write_lock`), reads (`_conn`; the store keeps its catch-up's read transaction apart from other reads), and
+    what every search checks (`_fresh_conn`, `_fresh_lock`). Readers never take SQLite's write lock: opening an
+    existing, current collection only reads, and WAL readers do not wait for writers.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        dim: int,
+        lock_timeout: float = 5.0,
+        mirror_max_points: int = MIRROR_MAX_POINTS,
+    ) -> None:
         self.path = path
         self.dim = dim
-        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in `_transaction`
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        # Takes effect only on a new file. With 4 KB pages a 2 KB vector row (dim 512) fits once per page,
-        # wasting half the file; 16 KB pages hold seven.
-        self._conn.execute("PRAGMA page_size=16384")
-        wal = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
-        # NORMAL: a commit survives a process crash; `checkpoint()` (in save) makes it survive power loss
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
-        self._ensure_texts()
+        self.lock_timeout = lock_timeout
+        self.mirror_max_points = mirror_max_points
+        # autocommit mode: transactions are explicit; `timeout` is SQLite's busy wait for another writer's lock
+        self._conn = _connect(path, lock_timeout)
+        self._write_conn = _connect(path, lock_timeout)
+        self._write_lock = threading.Lock()
+        try:
+            if not self._schema_is_current():
+                self._create_or_upgrade()
+        except BaseException:
+            self._conn.close()
+            self._write_conn.close()
+            raise
         # What every search reads, kept while no transaction commits (see `_snapshot`): read through a connection
         # of its own, one statement at a time. A statement on a connection where another thread's statement is
         # still running joins that one's read transaction, and so may miss commits made since it began.
-        self._fresh_conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._fresh_conn = _connect(path, lock_timeout)
         # Its pages are `points` rows (vectors go through the main connection), read when the collection is too
         # large for the copy in memory: room for all of them in a collection of 200k points with short payloads.
         self._fresh_conn.execute(f"PRAGMA cache_size=-{FRESH_CACHE_KIB}")
@@ -236,29 +302,54 @@ class PayloadDB:
         self._mirror: dict[int, tuple[str, str]] | None = None
         self._mirror_seq = -1  # the last row of `changes` applied to it; -1: never read
         self._mirror_header = b""  # the WAL-index header seen before it was last brought up to date
-        self._mirror_excess = 0  # points over MIRROR_MAX_POINTS when last counted: the deletes it takes to fit
+        self._mirror_excess = 0  # points over the limit when last counted: the deletes it takes to fit
+        # a read first: a connection opened before another one switched the file to WAL reports its old mode
+        self._conn.execute("SELECT count(*) FROM meta").fetchone()
+        wal = self._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         # after the first reads: the -shm file exists and is initialised
         self._commits = CommitWatch.open(Path(f"{path}-shm")) if wal else None
 
-    def _ensure_texts(self) -> None:
-        """Create the full-text index, filling it from `points` when the collection predates it."""
-        exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'texts'"
-        if self._conn.execute(exists).fetchone():
-            return
+    def _schema_is_current(self) -> bool:
+        """Whether the file holds this schema version in WAL mode: a read, so opening needs no write lock."""
+        try:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.OperationalError as error:
+            if "no such table" in str(error):
+                return False
+            raise
+        mode = self._conn.execute("PRAGMA journal_mode").fetchone()[0]
+        return row is not None and int(row[0]) >= SCHEMA_VERSION and mode == "wal"
+
+    def _create_or_upgrade(self) -> None:
+        """Create the schema, or bring an older one up to date, in one write transaction (once per file)."""
+        conn = self._write_conn
+        # Takes effect only on a new file. With 4 KB pages a 2 KB vector row (dim 512) fits once per page,
+        # wasting half the file; 16 KB pages hold seven.
+        conn.execute("PRAGMA page_size=16384")
+        conn.execute("PRAGMA journal_mode=WAL")  # persistent: later connections find it set
         with self._transaction() as conn:
-            if conn.execute(exists).fetchone():
-                return  # another process made it meanwhile
-            for statement in _TEXT_SCHEMA:
+            for statement in _SCHEMA_STATEMENTS:
                 conn.execute(statement)
-            last = -1
-            while True:
-                rows = conn.execute(
-                    "SELECT fid, payload FROM points WHERE fid > ? ORDER BY fid LIMIT 10000", (last,)
-                ).fetchall()
-                if not rows:
-                    break
-                self._index_texts([(fid, json.loads(text)) for fid, text in rows])
-                last = rows[-1][0]
+            exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+            if not conn.execute(exists, ("texts",)).fetchone():  # collections made before version 2
+                for statement in _TEXT_SCHEMA:
+                    conn.execute(statement)
+                last = -1
+                while True:
+                    rows = conn.execute(
+                        "SELECT fid, payload FROM points WHERE fid > ? ORDER BY fid LIMIT 10000", (last,)
+                    ).fetchall()
+                    if not rows:
+                        break
+                    self._index_texts([(fid, json.loads(text)) for fid, text in rows])
+                    last = rows[-1][0]
+            if not conn.execute(exists, ("point_paths",)).fetchone():  # before version 3
+                for statement in _PATHS_SCHEMA:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT OR IGNORE INTO point_paths (path, fid) SELECT p.value, points.fid "
+                    "FROM points, json_each(points.payload, '$.paths') AS p WHERE p.type = 'text'"
+                )
             self._set_meta("schema_version", SCHEMA_VERSION)
 
     def close(self) -> None:
@@ -268,27 +359,31 @@ class PayloadDB:
             self._commits = None
         self._fresh_conn.close()
         self._conn.close()
+        self._write_conn.close()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-            self._conn.execute(
-                "DELETE FROM changes WHERE seq <= (SELECT seq FROM sqlite_sequence WHERE name = 'changes') - ?",
-                (CHANGE_LOG_KEEP,),
-            )
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+        """One write transaction on the write connection; the change log is pruned to its last rows in it."""
+        with self._write_lock:
+            conn = self._write_conn
+            conn.execute("BEGIN IMMEDIATE")  # waits up to lock_timeout for another process's write
+            try:
+                yield conn
+                conn.execute(
+                    "DELETE FROM changes WHERE seq <= (SELECT seq FROM sqlite_sequence WHERE name = 'changes') - ?",
+                    (CHANGE_LOG_KEEP,),
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     @contextmanager
     def read_transaction(self) -> Iterator[None]:
         """Reads inside see one snapshot of the database: commits made meanwhile (by any connection) are not seen.
 
         For a caller that reads in several statements and needs them to agree (fids, then their vectors); the
-        caller keeps other threads off this connection meanwhile (FaissStore's write lock).
+        caller keeps other threads off the read connection meanwhile (FaissStore's write lock).
         """
         self._conn.execute("BEGIN")  # deferred: the snapshot is taken by the first read
         try:
@@ -296,38 +391,45 @@ class PayloadDB:
         finally:
             self._conn.execute("COMMIT")
 
-    def _meta(self, key: str) -> int:
-        return int(self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+    def _meta(self, key: str, conn: sqlite3.Connection | None = None) -> int:
+        """A meta value: by default inside the write transaction (the write connection)."""
+        conn = conn or self._write_conn
+        return int(conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
 
     def _set_meta(self, key: str, value: int) -> None:
-        self._conn.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+        self._write_conn.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
 
     def _index_texts(self, rows: Sequence[tuple[int, Payload]]) -> None:
         """Add the words of (fid, payload) rows to `texts`; rows without words are left out of the corpus."""
         entries = [(fid, " ".join(words), len(words)) for fid, payload in rows if (words := payload_words(payload))]
         if entries:
-            self._conn.executemany("INSERT INTO texts (rowid, body, length) VALUES (?, ?, ?)", entries)
+            self._write_conn.executemany("INSERT INTO texts (rowid, body, length) VALUES (?, ?, ?)", entries)
             self._add_text_totals(len(entries), sum(length for _, _, length in entries))
 
     def _unindex_texts(self, fids: Sequence[int]) -> None:
         """Remove the words of fids from `texts` (one statement per fid: FTS5 looks up rowid = ? directly)."""
+        conn = self._write_conn
         lengths = [
             row[0]
             for fid in fids
-            if (row := self._conn.execute("SELECT length FROM texts WHERE rowid = ?", (fid,)).fetchone())
+            if (row := conn.execute("SELECT length FROM texts WHERE rowid = ?", (fid,)).fetchone())
         ]
         if lengths:
-            self._conn.executemany("DELETE FROM texts WHERE rowid = ?", [(fid,) for fid in fids])
+            conn.executemany("DELETE FROM texts WHERE rowid = ?", [(fid,) for fid in fids])
             self._add_text_totals(-len(lengths), -sum(lengths))
 
     def _add_text_totals(self, documents: int, words: int) -> None:
         self._set_meta("text_documents", self._meta("text_documents") + documents)
         self._set_meta("text_words", self._meta("text_words") + words)
 
+    def _last_seq(self, conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+        return int(row[0]) if row else 0
+
     @property
     def generation(self) -> int:
         """Bumped by every commit that adds or removes a (fid, vector) pair; payload-only changes leave it."""
-        return self._meta("generation")
+        return self._meta("generation", self._conn)
 
     def _snapshot(self) -> _Snapshot | None:
         """What is known of the database as it is now, read again only after a commit; None without a watch.
@@ -362,11 +464,25 @@ class PayloadDB:
     @property
     def next_fid(self) -> int:
         """Every fid ever given out is below this."""
-        return self._meta("next_fid")
+        return self._meta("next_fid", self._conn)
 
-    def checkpoint(self) -> None:
-        """Copy the WAL into the database file and fsync both."""
-        self._conn.execute("PRAGMA wal_checkpoint(FULL)")
+    def sync_point(self) -> SyncPoint:
+        """(generation, last change seq, next fid) as of one snapshot of the read connection; inside a
+        read_transaction, of that transaction's snapshot."""
+        row = self._conn.execute(
+            "SELECT (SELECT value FROM meta WHERE key = 'generation'), "
+            "(SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0)), "
+            "(SELECT value FROM meta WHERE key = 'next_fid')"
+        ).fetchone()
+        return SyncPoint(int(row[0]), int(row[1]), int(row[2]))
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database file and fsync both; False when readers or a writer of other processes
+        kept part of it from completing within lock_timeout (what committed is safe in the WAL all the same)."""
+        with self._write_lock:
+            row = self._write_conn.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+        busy, frames, copied = (int(value) for value in row)
+        return busy == 0 and frames == copied
 
     # --- writes -------------------------------------------------------------------------------------------
 
@@ -381,6 +497,7 @@ class PayloadDB:
         texts = {i: encode_payload(payloads[i]) for i in rows}
         blobs = {i: vectors[i].astype(_FLOAT32, copy=False).tobytes() for i in rows}
         with self._transaction() as conn:
+            seq_before = self._last_seq(conn)
             existing = {
                 point_id: (fid, blob)
                 for point_id, fid, blob in conn.execute(
@@ -396,12 +513,8 @@ class PayloadDB:
             self._unindex_texts([*removed, *(existing[ids[i]][0] for i in same)])
             if removed:
                 removed_json = _as_json_array(removed)
-                conn.execute(
-                    "DELETE FROM points WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,)
-                )
-                conn.execute(
-                    "DELETE FROM vectors WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,)
-                )
+                conn.execute("DELETE FROM points WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,))
+                conn.execute("DELETE FROM vectors WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,))
             first_fid = self._meta("next_fid")
             fids = np.arange(first_fid, first_fid + len(changed), dtype=np.int64)
             conn.executemany(
@@ -421,16 +534,21 @@ class PayloadDB:
                 self._set_meta("next_fid", first_fid + len(changed))
                 self._set_meta("generation", self._meta("generation") + 1)
             generation = self._meta("generation")
+            seq_after = self._last_seq(conn)
         return VectorChanges(
             added_fids=fids,
             added_vectors=np.ascontiguousarray(vectors[changed], dtype=np.float32),
             removed_fids=np.asarray(removed, dtype=np.int64),
             generation=generation,
+            seq_before=seq_before,
+            seq_after=seq_after,
+            next_fid=first_fid + len(changed),
         )
 
     def delete(self, ids: Sequence[str]) -> VectorChanges:
         """Delete the points that exist among ids; their fids come back as removed."""
         with self._transaction() as conn:
+            seq_before = self._last_seq(conn)
             removed = [
                 fid
                 for (fid,) in conn.execute(
@@ -440,33 +558,111 @@ class PayloadDB:
             ]
             if removed:
                 removed_json = _as_json_array(removed)
-                conn.execute(
-                    "DELETE FROM points WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,)
-                )
-                conn.execute(
-                    "DELETE FROM vectors WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,)
-                )
+                conn.execute("DELETE FROM points WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,))
+                conn.execute("DELETE FROM vectors WHERE fid IN (SELECT value FROM json_each(?))", (removed_json,))
                 self._unindex_texts(removed)
                 self._set_meta("generation", self._meta("generation") + 1)
             generation = self._meta("generation")
+            seq_after = self._last_seq(conn)
+            next_fid = self._meta("next_fid")
         return VectorChanges(
             added_fids=np.empty(0, dtype=np.int64),
             added_vectors=np.empty((0, self.dim), dtype=np.float32),
             removed_fids=np.asarray(removed, dtype=np.int64),
             generation=generation,
+            seq_before=seq_before,
+            seq_after=seq_after,
+            next_fid=next_fid,
         )
 
-    def set_payload(self, id: str, payload: Payload) -> bool:
-        """Replace one point's payload; False when the id does not exist."""
+    def set_payload(self, id: str, payload: Payload) -> tuple[int, int] | None:
+        """Replace one point's payload: (change seq before, after), or None when the id does not exist."""
         text = encode_payload(payload)
         with self._transaction() as conn:
+            seq_before = self._last_seq(conn)
             row = conn.execute("SELECT fid FROM points WHERE id = ?", (id,)).fetchone()
             if row is None:
-                return False
+                return None
             conn.execute("UPDATE points SET payload = ? WHERE fid = ?", (text, row[0]))
             self._unindex_texts([row[0]])
             self._index_texts([(row[0], payload)])
-        return True
+            return seq_before, self._last_seq(conn)
+
+    def update_payloads(
+        self, updates: Mapping[str, PayloadUpdate]
+    ) -> tuple[dict[str, Payload], tuple[int, int]]:
+        """Apply each update to the payload as stored at the time of the transaction, in one transaction:
+        (the new payloads of the ids that exist, (change seq before, after))."""
+        wanted = [point_id for point_id, update in updates.items() if not update.is_empty()]
+        results: dict[str, Payload] = {}
+        with self._transaction() as conn:
+            seq_before = self._last_seq(conn)
+            rows = conn.execute(
+                "SELECT fid, id, payload FROM points WHERE id IN (SELECT value FROM json_each(?))",
+                (_as_json_array(list(updates)),),
+            ).fetchall()
+            changed: list[tuple[int, Payload, str]] = []
+            todo = set(wanted)
+            for fid, point_id, text in rows:
+                payload = json.loads(text)
+                if point_id not in todo:
+                    results[point_id] = payload
+                    continue
+                new = updates[point_id].apply(payload)
+                results[point_id] = new
+                if new != payload:
+                    changed.append((fid, new, encode_payload(new)))
+            if changed:
+                conn.executemany("UPDATE points SET payload = ? WHERE fid = ?", [(t, f) for f, _, t in changed])
+                self._unindex_texts([fid for fid, _, _ in changed])
+                self._index_texts([(fid, payload) for fid, payload, _ in changed])
+            seq_after = self._last_seq(conn)
+        return {point_id: results[point_id] for point_id in updates if point_id in results}, (seq_before, seq_after)
+
+    def ids_by_path(self, paths: Sequence[str]) -> dict[str, str]:
+        """path -> id of a point whose `paths` hold it (the smallest id when several do), through `point_paths`."""
+        rows = self._conn.execute(
+            "SELECT pp.path, points.id FROM json_each(?) AS asked JOIN point_paths AS pp ON pp.path = asked.value "
+            "JOIN points ON points.fid = pp.fid ORDER BY points.id",
+            (_as_json_array([str(path) for path in paths]),),
+        )
+        found: dict[str, str] = {}
+        for path, point_id in rows:
+            found.setdefault(path, point_id)
+        return found
+
+    def index_delta(self, seq: int, synced_next_fid: int) -> IndexDelta | None:
+        """What the change log says the FAISS index must do to go from the state at change `seq` (when every fid
+        below synced_next_fid that existed was indexed) to now, read in one snapshot; None when the log no
+        longer reaches back to seq. Costs what changed, not the collection.
+
+        Fids are never reused, so a logged fid at or above synced_next_fid is new (added when it still exists);
+        one below it was indexed then (removed when it no longer exists; a payload change leaves it).
+        """
+        with self.read_transaction():
+            now = self.sync_point()
+            if now.seq == seq:
+                return IndexDelta(_NO_FIDS, np.empty((0, self.dim), dtype=np.float32), _NO_FIDS, now)
+            oldest = self._conn.execute("SELECT min(seq) FROM changes").fetchone()[0]
+            if oldest is None or oldest > seq + 1:
+                return None
+            fids = [fid for (fid,) in self._conn.execute("SELECT DISTINCT fid FROM changes WHERE seq > ?", (seq,))]
+            new = [fid for fid in fids if fid >= synced_next_fid]
+            old = [fid for fid in fids if fid < synced_next_fid]
+            added: list[tuple[int, bytes]] = self._conn.execute(
+                "SELECT fid, vector FROM vectors WHERE fid IN (SELECT value FROM json_each(?)) ORDER BY fid",
+                (_as_json_array(new),),
+            ).fetchall()
+            alive = {
+                fid
+                for (fid,) in self._conn.execute(
+                    "SELECT fid FROM points WHERE fid IN (SELECT value FROM json_each(?))", (_as_json_array(old),)
+                )
+            }
+        added_fids = np.fromiter((fid for fid, _ in added), dtype=np.int64, count=len(added))
+        vectors = np.frombuffer(b"".join(blob for _, blob in added), dtype=_FLOAT32).reshape(len(added), self.dim)
+        removed = np.asarray(sorted(fid for fid in old if fid not in alive), dtype=np.int64)
+        return IndexDelta(added_fids, vectors.astype(np.float32), removed, now)
 
     # --- reads --------------------------------------------------------------------------------------------
 
@@ -531,6 +727,17 @@ class PayloadDB:
             raise LookupError(f"{self.path}: {len(fids) - len(blobs)} of the asked vectors are missing")
         return np.frombuffer(b"".join(blobs), dtype=_FLOAT32).reshape(len(fids), self.dim).astype(np.float32)
 
+    def present_vectors(self, fids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Those of fids that exist now, in the order given, and their vectors (for readers that may lag)."""
+        rows = self._conn.execute(
+            "SELECT vectors.fid, vectors.vector FROM json_each(?) AS asked JOIN vectors ON vectors.fid = asked.value "
+            "ORDER BY asked.key",
+            (_as_json_array(fids),),
+        ).fetchall()
+        present = np.fromiter((fid for fid, _ in rows), dtype=np.int64, count=len(rows))
+        matrix = np.frombuffer(b"".join(blob for _, blob in rows), dtype=_FLOAT32).reshape(len(rows), self.dim)
+        return present, matrix.astype(np.float32)
+
     def iter_vectors(self, batch_size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every (fids, vectors) pair in batches, ordered by fid."""
         after = -1
@@ -553,7 +760,7 @@ class PayloadDB:
         for term in terms:
             row = self._conn.execute("SELECT doc FROM texts_vocab WHERE term = ?", (term,)).fetchone()
             containing[term] = int(row[0]) if row else 0
-        return self._meta("text_documents"), self._meta("text_words"), containing
+        return self._meta("text_documents", self._conn), self._meta("text_words", self._conn), containing
 
     def text_matches(self, terms: Sequence[str], filter: Filter | None) -> list[tuple[int, str, str]]:
         """(fid, id, indexed words) of every point matching filter whose words include any of terms."""
@@ -624,11 +831,11 @@ class PayloadDB:
                         self._mirror.pop(fid, None)
                     else:
                         self._mirror[fid] = point
-            elif (count := conn.execute("SELECT count(*) FROM points").fetchone()[0]) <= MIRROR_MAX_POINTS:
+            elif (count := conn.execute("SELECT count(*) FROM points").fetchone()[0]) <= self.mirror_max_points:
                 rows = conn.execute("SELECT fid, id, payload FROM points")
                 self._mirror = {fid: (point_id, text) for fid, point_id, text in rows}
             else:
-                self._mirror, self._mirror_excess = None, count - MIRROR_MAX_POINTS
+                self._mirror, self._mirror_excess = None, count - self.mirror_max_points
             self._mirror_seq = last
         finally:
             conn.execute("COMMIT")

@@ -16,37 +16,66 @@ the server (`wait=True`) and go in batches. Results are re-sorted by (score desc
 
 Scroll is by id: while every id is a content hash (a collection flag in the metadata), Qdrant's own point order
 is id order and scroll streams; once another id was written, scroll sorts the ids of the matches first.
+
+Errors: a server out of reach, timing out or answering 5xx raises StoreUnavailable naming VLSEARCH_QDRANT_URL; a
+closed store CollectionClosed; an embedded collection another store holds, StoreBusy. A store opened before a
+fork is never used through the parent's connection in the child: server mode reconnects there, embedded mode
+(whose directory the parent holds) refuses with StoreBusy.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 import shutil
 import sqlite3
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import httpx
 import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from indexer.errors import StoreUnavailable, VlsearchError
 from retriever.errors import (
+    CollectionClosed,
     CollectionCorrupt,
     CollectionNotFound,
     EncoderMismatch,
     InvalidQuery,
     InvalidStoreSettings,
+    PointNotFound,
+    StoreBusy,
 )
 from retriever.keywords import payload_text, query_terms
 from retriever.payload_db import encode_payload
-from retriever.store import Filter, Hit, Manifest, Payload, Record, check_page, checked_query_vector
+from retriever.store import (
+    CAPTIONS_FIELD,
+    Filter,
+    Hit,
+    Manifest,
+    Payload,
+    PayloadUpdate,
+    Record,
+    check_page,
+    checked_query_vector,
+)
+
+try:  # grpcio comes with qdrant-client; its errors are transport errors too when a client prefers gRPC
+    from grpc import RpcError as _RpcError
+except ImportError:  # pragma: no cover
+    _RpcError = OSError
 
 ID_FIELD = "vlsearch_id"  # the image id, as given (the point id is its UUID)
 TEXT_FIELD = "vlsearch_text"  # the words keyword search matches
@@ -60,6 +89,9 @@ _ID_NAMESPACE = uuid.UUID("6f0b3c1e-4f5d-4a4e-9d87-2f1c5b7e9a30")  # fixed: the 
 _LOCAL_META = "meta.json"  # written by embedded Qdrant when it creates its storage
 _PAYLOAD = models.PayloadSelectorExclude(exclude=[TEXT_FIELD])  # every field but the (long) words
 _SCROLL_IDS_BATCH = 10_000
+_PATHS_BATCH = 1000  # paths per MatchAny filter in ids_by_path
+_UPDATE_ATTEMPTS = 8  # rounds of read, write and check in update_payloads before StoreBusy
+_TRANSPORT_ERRORS = (ResponseHandlingException, httpx.TransportError, _RpcError)
 
 _TEXT_INDEX = models.TextIndexParams(
     type=models.TextIndexType.TEXT, tokenizer=models.TokenizerType.WORD, lowercase=True, scoring=True
@@ -130,12 +162,46 @@ def list_qdrant_collections(path: Path | None = None, url: str | None = None, ap
     client = QdrantClient(url=url, api_key=api_key, check_compatibility=False)
     try:
         return sorted(collection.name for collection in client.get_collections().collections)
-    except (ResponseHandlingException, UnexpectedResponse) as error:
-        raise InvalidStoreSettings(
-            f"cannot list the collections of Qdrant at {url} (VLSEARCH_QDRANT_URL): {error}"
-        ) from None
+    except (*_TRANSPORT_ERRORS, UnexpectedResponse) as error:
+        raise _server_error(error, url) or error from None
     finally:
         client.close()
+
+
+def _server_error(error: BaseException, url: str | None, where: str | None = None) -> VlsearchError | None:
+    """The typed error for an exception of the client talking to the server at url; None when it is not one."""
+    if isinstance(error, _TRANSPORT_ERRORS):
+        reason = error.source if isinstance(error, ResponseHandlingException) else error
+        return StoreUnavailable(f"cannot reach Qdrant at {url} (VLSEARCH_QDRANT_URL): {reason}")
+    if isinstance(error, UnexpectedResponse) and error.status_code is not None:
+        if error.status_code in (401, 403):
+            return InvalidStoreSettings(
+                f"Qdrant at {url} refused the API key (VLSEARCH_QDRANT_API_KEY): {error.reason_phrase}"
+            )
+        if error.status_code == 404 and where is not None and "collection" in str(error).lower():
+            return CollectionNotFound(f"collection {where} no longer exists (dropped by another process?)")
+        if error.status_code >= 500 or error.status_code in (408, 429):
+            return StoreUnavailable(
+                f"Qdrant at {url} (VLSEARCH_QDRANT_URL) cannot answer now: {error.status_code} {error.reason_phrase}"
+            )
+    return None
+
+
+def _never_close(*args: Any, **kwargs: Any) -> None:
+    """Replaces `close` of a client inherited through a fork: closing it in the child would unlock the parent's
+    embedded directory (a flock shared across the fork) or end the parent's connections."""
+
+
+_INHERITED_CLIENTS: list[QdrantClient] = []  # kept referenced in a forked child, so that nothing finalises them
+_OPEN_STORES: weakref.WeakSet[QdrantStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_OPEN_STORES):
+        store._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _connect_local(directory: Path, name: str) -> QdrantClient:
@@ -144,9 +210,10 @@ def _connect_local(directory: Path, name: str) -> QdrantClient:
     except RuntimeError as error:
         if "already accessed" not in str(error):
             raise
-        raise InvalidStoreSettings(
+        raise StoreBusy(
             f"collection {name!r} at {directory} is open elsewhere: embedded Qdrant (VLSEARCH_QDRANT_PATH) allows "
-            "one open store per collection at a time; close the other, or use a Qdrant server (VLSEARCH_QDRANT_URL)"
+            "one open store per collection, in one process, at a time; close the other, or use a Qdrant server "
+            "(VLSEARCH_QDRANT_URL) for several processes"
         ) from None
 
 
@@ -182,6 +249,9 @@ class QdrantStore:
         ids_are_hashes: bool,
         hnsw_ef: int,
         batch_size: int,
+        url: str | None = None,
+        api_key: str | None = None,
+        timeout: int = 60,
     ) -> None:
         """Use `QdrantStore.open`; this assumes the collection exists and its manifest is checked."""
         self.name = name
@@ -190,12 +260,16 @@ class QdrantStore:
         self.hnsw_ef = hnsw_ef
         self.batch_size = batch_size
         self._client = client
+        self._url, self._api_key, self._timeout = url, api_key, timeout  # to reconnect in a forked child
         self._local_directory = local_directory
         self._ids_are_hashes = ids_are_hashes
         self._lock: AbstractContextManager[Any] = threading.RLock() if local_directory else nullcontext()
         self._closed = False
+        self._pid = os.getpid()
+        self._fork_error: str | None = None  # set in a forked child of the process that holds the embedded storage
         self._local_db = _speed_up_local_writes(client, name) if local_directory else None
         self._ensure_payload_indexes()
+        _OPEN_STORES.add(self)
 
     @classmethod
     def open(
@@ -211,7 +285,8 @@ class QdrantStore:
         timeout: int = 60,
     ) -> QdrantStore:
         """Open collection `name` on the server at url, or under the local directory path; create it with manifest
-        when it does not exist. Another encoder raises EncoderMismatch; missing without a manifest, CollectionNotFound.
+        when it does not exist. Another encoder raises EncoderMismatch; missing without a manifest, CollectionNotFound;
+        a server out of reach StoreUnavailable; an embedded collection open elsewhere StoreBusy.
         """
         if (path is None) == (url is None):
             raise InvalidStoreSettings(
@@ -229,40 +304,40 @@ class QdrantStore:
             client = _connect_local(local_directory, name)
         else:
             where = f"{name!r} on {url}"
-            # no version probe on connect: against an unreachable server it only adds a warning to our error
-            client = QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
+            client = _connect_server(url, api_key, timeout)
         try:
-            stored, ids_are_hashes = cls._open_collection(client, name, manifest, where, url)
-            return cls(
-                client,
-                name,
-                stored,
-                where=where,
-                local_directory=local_directory,
-                ids_are_hashes=ids_are_hashes,
-                hnsw_ef=hnsw_ef,
-                batch_size=batch_size,
-            )
+            try:
+                stored, ids_are_hashes = cls._open_collection(client, name, manifest, where)
+                return cls(
+                    client,
+                    name,
+                    stored,
+                    where=where,
+                    local_directory=local_directory,
+                    ids_are_hashes=ids_are_hashes,
+                    hnsw_ef=hnsw_ef,
+                    batch_size=batch_size,
+                    url=url,
+                    api_key=api_key,
+                    timeout=timeout,
+                )
+            except (*_TRANSPORT_ERRORS, UnexpectedResponse) as error:
+                typed = _server_error(error, url)
+                if typed is None and isinstance(error, UnexpectedResponse):
+                    typed = InvalidStoreSettings(f"Qdrant at {url} (VLSEARCH_QDRANT_URL) answered: {error}")
+                if typed is None:
+                    raise
+                raise typed from None
         except BaseException:
             client.close()
             raise
 
     @staticmethod
     def _open_collection(
-        client: QdrantClient, name: str, manifest: Manifest | None, where: str, url: str | None
+        client: QdrantClient, name: str, manifest: Manifest | None, where: str
     ) -> tuple[Manifest, bool]:
         """The collection's manifest and id-order flag, creating the collection when it is missing."""
-        try:
-            exists = client.collection_exists(name)
-        except UnexpectedResponse as error:
-            if error.status_code in (401, 403):
-                raise InvalidStoreSettings(
-                    f"Qdrant at {url} refused the API key (VLSEARCH_QDRANT_API_KEY): {error.reason_phrase}"
-                ) from None
-            raise InvalidStoreSettings(f"Qdrant at {url} (VLSEARCH_QDRANT_URL) answered: {error}") from None
-        except ResponseHandlingException as error:
-            raise InvalidStoreSettings(f"cannot reach Qdrant at {url} (VLSEARCH_QDRANT_URL): {error.source}") from None
-        if not exists:
+        if not client.collection_exists(name):
             if manifest is None:
                 raise CollectionNotFound(f"no collection {where}; index images into it first")
             client.create_collection(
@@ -294,15 +369,15 @@ class QdrantStore:
 
     def _ensure_payload_indexes(self) -> None:
         """Index the fields filters and keyword search use; a collection made by an interrupted create gets them."""
-        with self._lock:
+        with self._using() as client:
             if self._local_directory is not None:
                 # local mode scans payloads; only the text index (it enables BM25 queries) has an effect there
-                self._client.create_payload_index(self.name, TEXT_FIELD, field_schema=_TEXT_INDEX, wait=True)
+                client.create_payload_index(self.name, TEXT_FIELD, field_schema=_TEXT_INDEX, wait=True)
                 return
-            existing = self._client.get_collection(self.name).payload_schema or {}
+            existing = client.get_collection(self.name).payload_schema or {}
             for field, schema in _PAYLOAD_INDEXES.items():
                 if field not in existing:
-                    self._client.create_payload_index(self.name, field, field_schema=schema, wait=True)
+                    client.create_payload_index(self.name, field, field_schema=schema, wait=True)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -312,19 +387,57 @@ class QdrantStore:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"collection {self.name!r} ({self.where}) is closed")
-
-    def save(self) -> None:
-        """Make every change durable. Writes waited for the server already; local mode checkpoints its SQLite WAL."""
+    @contextmanager
+    def _using(self) -> Iterator[QdrantClient]:
+        """The client, under the local-mode lock, for a store that is open in this process; server errors typed."""
+        if self._pid != os.getpid():  # forked without the at-fork hook having run
+            self._forked()
         with self._lock:
-            self._check_open()
+            if self._fork_error is not None:
+                raise StoreBusy(self._fork_error)
+            if self._closed:
+                raise CollectionClosed(f"collection {self.name!r} ({self.where}) is closed; open it again")
+            try:
+                yield self._client
+            except (*_TRANSPORT_ERRORS, UnexpectedResponse) as error:
+                typed = _server_error(error, self._url, self.where)
+                if typed is None:
+                    raise
+                raise typed from None
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's client is neither used nor closed here (its connections and the embedded
+        directory's lock belong to the parent); server mode connects again, embedded mode refuses every call."""
+        parent, self._pid = self._pid, os.getpid()
+        self._lock = threading.RLock() if self._local_directory else nullcontext()  # may be held by a parent thread
+        if self._closed:
+            return
+        inherited = self._client
+        inherited.close = _never_close  # type: ignore[method-assign]
+        _INHERITED_CLIENTS.append(inherited)
+        self._local_db = None
+        if self._local_directory is None:
+            self._client = _connect_server(self._url, self._api_key, self._timeout)
+            return
+        self._fork_error = (
+            f"collection {self.name!r} at {self.where} was opened by process {parent} before this process forked, "
+            "and that process holds it: embedded Qdrant (VLSEARCH_QDRANT_PATH) serves one process at a time. Open "
+            "it in one process only, or use a Qdrant server (VLSEARCH_QDRANT_URL) for several processes"
+        )
+
+    def save(self) -> bool:
+        """Make every change durable; True (writes waited for the server already; local mode checkpoints its WAL)."""
+        with self._using():
             if self._local_db is not None:
                 self._local_db.execute("PRAGMA wal_checkpoint(FULL)")
+        return True
 
     def close(self) -> None:
-        """Save and release the collection (and, in local mode, its directory lock); closing twice is harmless."""
+        """Save and release the collection (and, in local mode, its directory lock); closing twice is harmless.
+
+        In a forked child this releases nothing of the parent's."""
+        if self._pid != os.getpid():
+            self._forked()
         with self._lock:
             if self._closed:
                 return
@@ -337,9 +450,14 @@ class QdrantStore:
 
     def drop(self) -> None:
         """Delete the collection (in local mode, its directory too)."""
+        if self._pid != os.getpid():
+            self._forked()
         with self._lock:
+            if self._fork_error is not None:
+                raise StoreBusy(self._fork_error)
             if not self._closed:
-                self._client.delete_collection(self.name)
+                with self._using() as client:
+                    client.delete_collection(self.name)
                 self._client.close()
                 self._closed = True
             if self._local_directory is not None:
@@ -373,15 +491,14 @@ class QdrantStore:
             raise ValueError(f"upsert got {len(ids)} ids, {len(array)} vectors and {len(payloads)} payloads")
         rows = sorted({point_id: i for i, point_id in enumerate(ids)}.values())
         stored = {i: self._stored_payload(ids[i], payloads[i]) for i in rows}
-        with self._lock:
-            self._check_open()
+        with self._using() as client:
             if self._ids_are_hashes and not all(_HEX_ID.fullmatch(ids[i]) for i in rows):
                 # flagged before the write: a crash in between leaves scroll slower, never out of order
-                self._client.update_collection(self.name, metadata={ORDERED_KEY: False})
+                client.update_collection(self.name, metadata={ORDERED_KEY: False})
                 self._ids_are_hashes = False
             for start in range(0, len(rows), self.batch_size):
                 batch = rows[start : start + self.batch_size]
-                self._client.upsert(
+                client.upsert(
                     self.name,
                     points=models.Batch(
                         ids=[point_uuid(ids[i]) for i in batch],
@@ -392,22 +509,157 @@ class QdrantStore:
                 )
 
     def set_payload(self, id: str, payload: Payload) -> None:
-        """Replace one point's payload, keeping its vector; KeyError when the id does not exist."""
+        """Replace one point's payload, keeping its vector; PointNotFound when the id does not exist."""
         stored = self._stored_payload(id, payload)
-        with self._lock:
-            self._check_open()
-            if not self._client.retrieve(self.name, ids=[point_uuid(id)], with_payload=False):
-                raise KeyError(f"no point {id!r} in collection {self.where}")
-            self._client.overwrite_payload(self.name, payload=stored, points=[point_uuid(id)], wait=True)
+        missing = PointNotFound(f"no point {id!r} in collection {self.where}")
+        with self._using() as client:
+            if not client.retrieve(self.name, ids=[point_uuid(id)], with_payload=False):
+                raise missing
+            try:
+                client.overwrite_payload(self.name, payload=stored, points=[point_uuid(id)], wait=True)
+            except KeyError:  # local mode: deleted since the check
+                raise missing from None
+            except UnexpectedResponse as error:
+                if error.status_code == 404 and "point" in str(error).lower():
+                    raise missing from None
+                raise
+
+    def update_payloads(self, updates: Mapping[str, PayloadUpdate]) -> dict[str, Payload]:
+        """Apply each id's PayloadUpdate to the payload as stored now; the new payloads of the ids that exist.
+
+        Nothing writes back a whole payload read earlier. Per point, in one request (applied in order; Qdrant has
+        no multi-operation transaction): the fields of `set` by a top-level set_payload (merged by Qdrant itself),
+        fields set to None by delete_payload, new caption entries by set_payload under the key `captions` (merged
+        into that object by Qdrant), and the keyword text, which is derived from paths, tags and captions.
+        A list field (`paths`, `tags`) has no atomic append in Qdrant: its new value is computed from the value
+        read just before and written under a filter that holds only while the field still has that value (a
+        compare-and-set, applied by Qdrant in one operation); then the point is read back. While another writer's
+        change makes a list field differ from what this update should give (our values missing or removed ones
+        back), or the keyword text from its sources, the point is read, written and checked again, at most
+        _UPDATE_ATTEMPTS times before StoreBusy. The compare-and-set tests the list's values and their count, not
+        their order: a concurrent change of the order alone is not seen.
+        """
+        plain = {image_id: self._plain_update(update) for image_id, update in updates.items()}
+        items = list(plain.items())
+        results: dict[str, Payload] = {}
+        for start in range(0, len(items), self.batch_size):
+            results.update(self._update_batch(dict(items[start : start + self.batch_size])))
+        return {image_id: results[image_id] for image_id in updates if image_id in results}
+
+    def _plain_update(self, update: PayloadUpdate) -> PayloadUpdate:
+        """The update with plain JSON values (as stored), so that what it gives compares equal to what is read."""
+        reserved = [key for key in update.set if key in RESERVED_FIELDS]
+        if reserved:
+            raise ValueError(f"payload keys {reserved} are reserved by the Qdrant store (collection {self.where})")
+
+        def plain(value: Any) -> Any:
+            return json.loads(encode_payload(value))
+
+        return PayloadUpdate(
+            set={name: plain(value) for name, value in update.set.items()},
+            add={name: tuple(plain(list(values))) for name, values in update.add.items()},
+            remove={name: tuple(plain(list(values))) for name, values in update.remove.items()},
+            captions=plain(dict(update.captions)),
+        )
+
+    def _update_batch(self, updates: dict[str, PayloadUpdate]) -> dict[str, Payload]:
+        keys = {image_id: point_uuid(image_id) for image_id in updates}
+        results: dict[str, Payload] = {}
+        with self._using() as client:
+            stored = self._read_stored(client, list(keys.values()))
+            pending = updates
+            for attempt in range(_UPDATE_ATTEMPTS):
+                operations: list[models.UpdateOperation] = []
+                written: dict[str, PayloadUpdate] = {}
+                for image_id, update in pending.items():
+                    found = stored.get(keys[image_id])
+                    if found is None:
+                        continue  # no such point (or deleted meanwhile): left out
+                    planned = self._planned(keys[image_id], update, found)
+                    if planned:
+                        operations += planned
+                        written[image_id] = update
+                    else:
+                        results[image_id] = _user_payload(found)
+                if not operations:
+                    return results
+                client.batch_update_points(self.name, update_operations=operations, wait=True)
+                stored = self._read_stored(client, [keys[image_id] for image_id in written])
+                pending = {}
+                for image_id, update in written.items():
+                    found = stored.get(keys[image_id])
+                    if found is None:
+                        continue
+                    if _settled(update, found):
+                        results[image_id] = _user_payload(found)
+                    else:
+                        # set fields and captions were merged by Qdrant: only the list fields and text are redone
+                        pending[image_id] = replace(update, set={}, captions={})
+                if not pending:
+                    return results
+                time.sleep(random.uniform(0, 0.002 * 2**attempt))  # out of step with the other writer
+        raise StoreBusy(
+            f"the payloads of {', '.join(sorted(pending))} in collection {self.where} kept changing under other "
+            f"writers through {_UPDATE_ATTEMPTS} attempts; try again"
+        )
+
+    def _read_stored(self, client: QdrantClient, keys: list[str]) -> dict[str, Payload]:
+        """Point uuid -> payload as stored (with the reserved fields), for the points that exist."""
+        if not keys:
+            return {}
+        points = client.retrieve(self.name, ids=keys, with_payload=True)
+        return {str(point.id): dict(point.payload or {}) for point in points}
+
+    @staticmethod
+    def _planned(key: str, update: PayloadUpdate, stored: Payload) -> list[models.UpdateOperation]:
+        """The operations that take the stored payload to what update gives; none for what is already so."""
+        if update.is_empty():
+            return []
+        current = _user_payload(stored)
+        expected = update.apply(current)
+        point = models.Filter(must=[models.HasIdCondition(has_id=[key])])  # a deleted point matches nothing
+        operations: list[models.UpdateOperation] = []
+        fields = {name: value for name, value in update.set.items() if value is not None and current.get(name) != value}
+        if fields:
+            operations.append(models.SetPayloadOperation(set_payload=models.SetPayload(payload=fields, filter=point)))
+        gone = [name for name, value in update.set.items() if value is None and name in current]
+        if gone:
+            operations.append(
+                models.DeletePayloadOperation(delete_payload=models.DeletePayload(keys=gone, filter=point))
+            )
+        lists = {
+            name: expected[name]
+            for name in dict.fromkeys([*update.remove, *update.add])
+            if name in expected and expected[name] != current.get(name)
+        }
+        if lists:
+            unchanged = _still_holding(key, {name: current.get(name) for name in lists})
+            operations.append(
+                models.SetPayloadOperation(set_payload=models.SetPayload(payload=lists, filter=unchanged))
+            )
+        captions = current.get(CAPTIONS_FIELD)
+        known = captions if isinstance(captions, dict) else {}
+        new_captions = {model: text for model, text in update.captions.items() if known.get(model) != text}
+        if new_captions:
+            operations.append(
+                models.SetPayloadOperation(
+                    set_payload=models.SetPayload(payload=new_captions, key=CAPTIONS_FIELD, filter=point)
+                )
+            )
+        text = payload_text(expected)
+        if stored.get(TEXT_FIELD) != text:
+            operations.append(
+                models.SetPayloadOperation(set_payload=models.SetPayload(payload={TEXT_FIELD: text}, filter=point))
+            )
+        return operations
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete points; returns how many existed."""
         uuids = list(dict.fromkeys(point_uuid(point_id) for point_id in ids))
-        with self._lock:
-            self._check_open()
-            existing = [record.id for record in self._client.retrieve(self.name, ids=uuids, with_payload=False)]
+        with self._using() as client:
+            existing = [record.id for record in client.retrieve(self.name, ids=uuids, with_payload=False)]
             if existing:
-                self._client.delete(self.name, points_selector=models.PointIdsList(points=existing), wait=True)
+                client.delete(self.name, points_selector=models.PointIdsList(points=existing), wait=True)
         return len(existing)
 
     # --- reads ---------------------------------------------------------------------------------------------
@@ -423,19 +675,47 @@ class QdrantStore:
     def get(self, ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
         """The points that exist among ids, in the order asked."""
         uuids = [point_uuid(point_id) for point_id in ids]
-        with self._lock:
-            self._check_open()
-            found = self._client.retrieve(
+        with self._using() as client:
+            found = client.retrieve(
                 self.name, ids=list(dict.fromkeys(uuids)), with_payload=_PAYLOAD, with_vectors=with_vectors
             )
         by_uuid = {str(point.id): self._record(point) for point in found}
         return [by_uuid[key] for key in uuids if key in by_uuid]
 
+    def ids_by_path(self, paths: Sequence[str]) -> dict[str, str]:
+        """path -> id of the image holding it, for the paths some image holds (the smallest id where several do).
+
+        A MatchAny filter on `paths`, which has a keyword index on a server; embedded Qdrant scans its payloads."""
+        asked = list(dict.fromkeys(str(path) for path in paths))
+        found: dict[str, str] = {}
+        for start in range(0, len(asked), _PATHS_BATCH):
+            chunk = asked[start : start + _PATHS_BATCH]
+            wanted = set(chunk)
+            condition = models.Filter(must=[models.FieldCondition(key="paths", match=models.MatchAny(any=chunk))])
+            offset: Any = None
+            while True:
+                with self._using() as client:
+                    points, offset = client.scroll(
+                        self.name,
+                        scroll_filter=condition,
+                        limit=_SCROLL_IDS_BATCH,
+                        offset=offset,
+                        with_payload=[ID_FIELD, "paths"],
+                    )
+                for point in points:
+                    payload = point.payload or {}
+                    image_id = str(payload[ID_FIELD])
+                    for path in map(str, payload.get("paths") or []):
+                        if path in wanted and (path not in found or image_id < found[path]):
+                            found[path] = image_id
+                if offset is None:
+                    break
+        return {path: found[path] for path in asked if path in found}
+
     def count(self, filter: Filter | None = None) -> int:
         """How many points match filter (all points for None)."""
-        with self._lock:
-            self._check_open()
-            return self._client.count(self.name, count_filter=qdrant_filter(filter), exact=True).count
+        with self._using() as client:
+            return client.count(self.name, count_filter=qdrant_filter(filter), exact=True).count
 
     def scroll(
         self, filter: Filter | None = None, batch_size: int = 1000, with_vectors: bool = False
@@ -452,9 +732,8 @@ class QdrantStore:
     ) -> Iterator[Record]:
         offset: Any = None
         while True:
-            with self._lock:  # per batch, so a long scroll does not hold writers back
-                self._check_open()
-                points, offset = self._client.scroll(
+            with self._using() as client:  # per batch, so a long scroll does not hold writers back
+                points, offset = client.scroll(
                     self.name,
                     scroll_filter=condition,
                     limit=batch_size,
@@ -471,9 +750,8 @@ class QdrantStore:
         keys: list[tuple[str, str]] = []
         offset: Any = None
         while True:
-            with self._lock:
-                self._check_open()
-                points, offset = self._client.scroll(
+            with self._using() as client:
+                points, offset = client.scroll(
                     self.name,
                     scroll_filter=condition,
                     limit=_SCROLL_IDS_BATCH,
@@ -486,9 +764,8 @@ class QdrantStore:
         keys.sort()
         for start in range(0, len(keys), batch_size):
             uuids = [key for _, key in keys[start : start + batch_size]]
-            with self._lock:
-                self._check_open()
-                found = self._client.retrieve(self.name, ids=uuids, with_payload=_PAYLOAD, with_vectors=with_vectors)
+            with self._using() as client:
+                found = client.retrieve(self.name, ids=uuids, with_payload=_PAYLOAD, with_vectors=with_vectors)
             by_uuid = {str(point.id): point for point in found}
             yield from (self._record(by_uuid[key]) for key in uuids if key in by_uuid)  # deleted meanwhile: gone
 
@@ -513,13 +790,13 @@ class QdrantStore:
         # min_score is applied here, after ranking, not passed as Qdrant's score_threshold (which is exclusive).
         server = self._local_directory is None
 
-        def fetch(limit: int) -> list[models.ScoredPoint]:
+        def fetch(client: QdrantClient, limit: int) -> list[models.ScoredPoint]:
             params = (
                 models.SearchParams(hnsw_ef=max(self.hnsw_ef, limit), exact=self.manifest.index_type == "flat")
                 if server
                 else None
             )
-            return self._client.query_points(
+            return client.query_points(
                 self.name,
                 query=query,
                 query_filter=condition,
@@ -540,8 +817,8 @@ class QdrantStore:
         need = offset + k
         condition = qdrant_filter(filter)
 
-        def fetch(limit: int) -> list[models.ScoredPoint]:
-            return self._client.query_points(
+        def fetch(client: QdrantClient, limit: int) -> list[models.ScoredPoint]:
+            return client.query_points(
                 self.name,
                 query=models.TextQuery(text=" ".join(terms)),
                 using=TEXT_FIELD,
@@ -552,12 +829,13 @@ class QdrantStore:
 
         return self._ranked(fetch, need, need + 1)[offset:need]
 
-    def _ranked(self, fetch: Callable[[int], list[models.ScoredPoint]], need: int, pool: int) -> list[Hit]:
+    def _ranked(
+        self, fetch: Callable[[QdrantClient, int], list[models.ScoredPoint]], need: int, pool: int
+    ) -> list[Hit]:
         """The best `need` hits by (score desc, id): fetches more while the candidates end inside a run of ties."""
-        with self._lock:
-            self._check_open()
+        with self._using() as client:
             while True:
-                points = fetch(pool)
+                points = fetch(client, pool)
                 if len(points) < pool or points[need - 1].score != points[-1].score:
                     break
                 pool *= 2
@@ -565,3 +843,44 @@ class QdrantStore:
         hits = [Hit(id=record.id, score=score, payload=record.payload) for score, record in records]
         hits.sort(key=lambda hit: (-hit.score, hit.id))
         return hits[:need]
+
+
+def _connect_server(url: str | None, api_key: str | None, timeout: int) -> QdrantClient:
+    # no version probe on connect: against an unreachable server it only adds a warning to our error
+    return QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
+
+
+def _user_payload(stored: Payload) -> Payload:
+    """The payload as the caller knows it: without the store's reserved fields."""
+    return {name: value for name, value in stored.items() if name not in RESERVED_FIELDS}
+
+
+def _settled(update: PayloadUpdate, stored: Payload) -> bool:
+    """Whether the stored payload shows update's effect on its list fields (every added value there, every value
+    removed and not added again gone), and keyword text true to its sources. Not `apply(p) == p`: a value both
+    removed and added moves to the end each time it is applied."""
+    current = _user_payload(stored)
+    for name in {*update.remove, *update.add}:
+        values = current.get(name)
+        if name in update.add and not isinstance(values, list):
+            return False
+        held = values if isinstance(values, list) else []
+        added = update.add.get(name, ())
+        gone = [value for value in update.remove.get(name, ()) if value not in added]
+        if any(value not in held for value in added) or any(value in held for value in gone):
+            return False
+    return stored.get(TEXT_FIELD) == payload_text(current)
+
+
+def _still_holding(key: str, values: Mapping[str, Any]) -> models.Filter:
+    """A filter matching point key only while each field holds the values given (as a set, with their count)."""
+    must: list[Any] = [models.HasIdCondition(has_id=[key])]
+    for name, value in values.items():
+        if value is None or value == []:
+            must.append(models.IsEmptyCondition(is_empty=models.PayloadField(key=name)))
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            count = models.ValuesCount(gte=len(value), lte=len(value))
+            must.append(models.FieldCondition(key=name, values_count=count))
+            must += [models.FieldCondition(key=name, match=models.MatchValue(value=item)) for item in set(value)]
+        # any other value cannot be matched exactly: the write goes without a condition on it
+    return models.Filter(must=must)

@@ -266,12 +266,9 @@ def test_a_copy_older_than_the_change_log_reads_every_point_again(
     reader.close()
 
 
-def test_a_collection_too_large_for_memory_reads_the_hits_from_sqlite(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(payload_db, "MIRROR_MAX_POINTS", 40)
+def test_a_collection_too_large_for_memory_reads_the_hits_from_sqlite(tmp_path: Path) -> None:
     points = make_points(50, dim=DIM, seed=42)
-    store = FaissStore.open(tmp_path / "c", manifest("flat"))
+    store = FaissStore.open(tmp_path / "c", manifest("flat"), payload_cache_max_points=40)
     store.upsert(points.ids, points.vectors, points.payloads)
     for i in (0, 9, 31):
         assert as_tuples(store.search(points.vectors[i], k=1))[0][::2] == (points.ids[i], points.payloads[i])
@@ -340,26 +337,26 @@ def test_searches_from_many_threads_see_another_stores_commits_once_made(tmp_pat
     store.close()
 
 
-def test_a_catch_up_reads_fids_and_vectors_from_one_snapshot(tmp_path: Path) -> None:
-    """Another store deletes a point between the catch-up's read of the fids and its read of their vectors:
-    the catch-up still adds what its snapshot holds (it used to ask for the deleted vector and raise
-    LookupError), and the next search catches up with the delete."""
+def test_a_catch_up_reads_the_change_log_and_vectors_from_one_snapshot(tmp_path: Path) -> None:
+    """Another store deletes a point between the catch-up's first read and its read of the vectors: the
+    catch-up still adds what its snapshot holds (never asking for a vector deleted meanwhile), and the next
+    search catches up with the delete."""
     points = make_points(50, dim=DIM, seed=44)
     store = FaissStore.open(tmp_path / "c", manifest())
     store.upsert(points.ids[:40], points.vectors[:40], points.payloads[:40])
     writer = FaissStore.open(tmp_path / "c")
     writer.upsert(points.ids[40:], points.vectors[40:], points.payloads[40:])  # not yet in store's index
-    read_fids = store._db.matching_fids
+    read_sync_point = store._db.sync_point
     deleted: list[str] = []
 
-    def delete_right_after_the_fids_are_read(filter: Filter | None) -> np.ndarray:
-        fids = read_fids(filter)
+    def delete_right_after_the_sync_point_is_read() -> Any:
+        point = read_sync_point()
         if not deleted:
             deleted.append(points.ids[45])
             assert writer.delete(deleted) == 1  # committed while the catch-up's read is open
-        return fids
+        return point
 
-    store._db.matching_fids = delete_right_after_the_fids_are_read  # type: ignore[method-assign]
+    store._db.sync_point = delete_right_after_the_sync_point_is_read  # type: ignore[method-assign]
     hits = store.search(points.vectors[45], k=50)
     assert deleted and store._index.live == 50  # the snapshot's view, taken before the delete
     assert len(hits) == 49 and points.ids[45] not in {hit.id for hit in hits}  # hits are read as of now
@@ -367,6 +364,33 @@ def test_a_catch_up_reads_fids_and_vectors_from_one_snapshot(tmp_path: Path) -> 
     assert store._index.live == 49 and len(hits) == 49
     writer.close()
     store.close()
+
+
+def test_a_catch_up_costs_what_changed_not_the_collection(tmp_path: Path) -> None:
+    """After another store commits a few points, the reader's catch-up reads the change log and those
+    points' vectors only: no statement reads every fid or vector of the collection."""
+    points = make_points(400, dim=DIM, seed=45)
+    for index_type in ("flat", "hnsw"):
+        directory = tmp_path / index_type
+        reader = FaissStore.open(directory, manifest(index_type))
+        reader.upsert(points.ids[:380], points.vectors[:380], points.payloads[:380])
+        assert reader.search(points.vectors[0], k=1)[0].id == points.ids[0]
+        writer = FaissStore.open(directory)
+        writer.upsert(points.ids[380:], points.vectors[380:], points.payloads[380:])
+        writer.delete(points.ids[:3])
+        statements = traced(reader)
+        reader._db._conn.set_trace_callback(statements.append)
+        assert reader.search(points.vectors[390], k=1)[0].id == points.ids[390]
+        assert points.ids[0] not in {hit.id for hit in reader.search(points.vectors[0], k=5)}
+        every_fid = "SELECT fid FROM points WHERE 1 ORDER BY fid"  # what a reconcile by fid sets reads
+        every_point = "SELECT fid, id, payload FROM points"  # a copy in memory read again in full
+        assert not any(every_fid in statement or statement.strip() == every_point for statement in statements)
+        assert not any("FROM vectors WHERE fid >" in statement for statement in statements)  # no rebuild
+        assert any("FROM changes WHERE seq >" in statement for statement in statements)
+        reader._db._conn.set_trace_callback(None)
+        assert reader.index_info().indexed == reader.count() == 397
+        writer.close()
+        reader.close()
 
 
 # --- the commit watch --------------------------------------------------------------------------------------

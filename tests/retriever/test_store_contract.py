@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from bench.synthetic_vectors import isotropic
-from retriever.errors import CollectionNotFound, EncoderMismatch, InvalidQuery
-from retriever.store import Filter, Hit, Payload, VectorStore
+from retriever.errors import CollectionNotFound, EncoderMismatch, InvalidQuery, PointNotFound
+from retriever.store import Filter, Hit, Payload, PayloadUpdate, VectorStore
 from tests.retriever.conftest import CONTRACT_DIM, Collection
 
 TAGS = ("cat", "dog", "outdoor", "night", "sofa", "red")
@@ -198,8 +198,9 @@ def test_set_payload_replaces_the_payload_and_keeps_the_vector(filled: VectorSto
     assert record.payload["captions"] == {"tiny": "a sofa"}
     assert record.vector is not None and np.allclose(record.vector, points.vector_of(target))
     assert filled.search(points.vector_of(target), k=1)[0].payload["paths"] == ["/moved.jpg"]
-    with pytest.raises(KeyError, match="no-such-id"):
+    with pytest.raises(PointNotFound, match="no-such-id"):
         filled.set_payload("no-such-id", {})
+    assert filled.get(["no-such-id"]) == []
 
 
 def test_vectors_of_another_dimension_are_refused_naming_both_dims(store: VectorStore) -> None:
@@ -336,6 +337,10 @@ def test_points_survive_close_and_reopen(
     assert again.get([points.ids[4]])[0].payload == {"paths": ["/kept.jpg"]}
     assert again.get(points.ids[:4]) == []
     assert again.search(query, k=20, filter=FILTERS["tags_any"]) == before
+
+
+def test_save_reports_completion_as_a_bool(filled: VectorStore) -> None:
+    assert isinstance(filled.save(), bool)
 
 
 def test_writes_after_a_save_survive_reopen(
@@ -489,3 +494,249 @@ def test_invalid_keyword_k_and_offset_are_refused(worded_store: VectorStore) -> 
         worded_store.keyword_search("cat", k=0)
     with pytest.raises(InvalidQuery, match="offset"):
         worded_store.keyword_search("cat", k=3, offset=-1)
+
+
+# --- payload updates ---------------------------------------------------------------------------------------
+
+PHOTOS: dict[str, Payload] = {
+    "cat-1": {
+        "paths": ["/photos/cats/1.jpg"],
+        "tags": ["cat", "sofa"],
+        "width": 640,
+        "height": 480,
+        "captions": {"tiny-vlm": "a cat on a sofa"},
+    },
+    "dog-2": {"paths": ["/photos/dogs/2.jpg", "/archive/dogs/2.jpg"], "tags": ["dog"], "width": 800},
+    "bare-3": {"paths": ["/photos/misc/3.jpg"]},
+}
+
+
+@pytest.fixture
+def photos(store: VectorStore) -> VectorStore:
+    """Three points with known payloads: one with tags and a caption, one with two paths, one with a path only."""
+    ids = list(PHOTOS)
+    store.upsert(ids, isotropic(len(ids), CONTRACT_DIM, seed=30), [PHOTOS[i] for i in ids])
+    return store
+
+
+def stored_payload(store: VectorStore, point: str) -> Payload:
+    [record] = store.get([point])
+    return record.payload
+
+
+def other_handle(store: VectorStore, collection: Collection) -> VectorStore:
+    """A second store object on the same collection; embedded Qdrant admits one client at a time, so it reuses store."""
+    return store if collection.backend == "qdrant" else collection.open(None)
+
+
+def test_update_setting_fields_keeps_the_other_fields(photos: VectorStore) -> None:
+    result = photos.update_payloads({"cat-1": PayloadUpdate(set={"width": 1024, "format": "JPEG"})})
+    expected = {**PHOTOS["cat-1"], "width": 1024, "format": "JPEG"}
+    assert result == {"cat-1": expected}
+    assert stored_payload(photos, "cat-1") == expected
+    assert stored_payload(photos, "dog-2") == PHOTOS["dog-2"]
+
+
+def test_update_adds_only_new_values_to_list_fields_in_the_order_given(photos: VectorStore) -> None:
+    update = PayloadUpdate(
+        add={"paths": ("/archive/cats/1.jpg", "/photos/cats/1.jpg", "/b.jpg"), "tags": ("red", "cat")}
+    )
+    result = photos.update_payloads({"cat-1": update, "bare-3": PayloadUpdate(add={"tags": ("night", "red", "night")})})
+    assert result["cat-1"]["paths"] == ["/photos/cats/1.jpg", "/archive/cats/1.jpg", "/b.jpg"]
+    assert result["cat-1"]["tags"] == ["cat", "sofa", "red"]
+    assert result["bare-3"] == {"paths": ["/photos/misc/3.jpg"], "tags": ["night", "red"]}  # a missing list is made
+    assert stored_payload(photos, "cat-1") == result["cat-1"]
+    assert stored_payload(photos, "bare-3") == result["bare-3"]
+
+
+def test_update_removes_values_from_list_fields(photos: VectorStore) -> None:
+    result = photos.update_payloads(
+        {
+            "dog-2": PayloadUpdate(remove={"paths": ("/photos/dogs/2.jpg", "/never.jpg"), "tags": ("dog",)}),
+            "bare-3": PayloadUpdate(remove={"tags": ("cat",)}),  # nothing to remove from: the field stays absent
+        }
+    )
+    assert result["dog-2"] == {"paths": ["/archive/dogs/2.jpg"], "tags": [], "width": 800}
+    assert result["bare-3"] == PHOTOS["bare-3"]
+    assert stored_payload(photos, "dog-2") == result["dog-2"]
+
+
+def test_removing_and_adding_one_value_in_one_update_keeps_it_once_at_the_end(photos: VectorStore) -> None:
+    update = PayloadUpdate(remove={"tags": ("cat",)}, add={"tags": ("cat", "red")})
+    assert photos.update_payloads({"cat-1": update})["cat-1"]["tags"] == ["sofa", "cat", "red"]
+
+
+def test_update_of_one_caption_keeps_the_captions_of_other_models(photos: VectorStore) -> None:
+    result = photos.update_payloads(
+        {
+            "cat-1": PayloadUpdate(captions={"deepseek-vl-1.3b": "a cat sleeping on a red sofa"}),
+            "bare-3": PayloadUpdate(captions={"hf-hub:org/model.v2": "a window"}),  # dots and slashes in the model
+        }
+    )
+    assert result["cat-1"]["captions"] == {
+        "tiny-vlm": "a cat on a sofa",
+        "deepseek-vl-1.3b": "a cat sleeping on a red sofa",
+    }
+    assert result["bare-3"]["captions"] == {"hf-hub:org/model.v2": "a window"}
+    again = photos.update_payloads({"cat-1": PayloadUpdate(captions={"tiny-vlm": "a tabby cat"})})
+    assert again["cat-1"]["captions"] == {"tiny-vlm": "a tabby cat", "deepseek-vl-1.3b": "a cat sleeping on a red sofa"}
+    assert stored_payload(photos, "cat-1")["captions"] == again["cat-1"]["captions"]
+    assert {k: v for k, v in again["cat-1"].items() if k != "captions"} == {
+        k: v for k, v in PHOTOS["cat-1"].items() if k != "captions"
+    }
+
+
+def test_update_setting_a_field_to_none_removes_it(photos: VectorStore) -> None:
+    result = photos.update_payloads({"cat-1": PayloadUpdate(set={"width": None, "captions": None, "absent": None})})
+    expected = {k: v for k, v in PHOTOS["cat-1"].items() if k not in ("width", "captions")}
+    assert result == {"cat-1": expected}
+    assert stored_payload(photos, "cat-1") == expected
+
+
+def test_update_leaves_out_ids_that_do_not_exist_and_creates_nothing(photos: VectorStore) -> None:
+    result = photos.update_payloads(
+        {"no-such-id": PayloadUpdate(set={"width": 1}), "dog-2": PayloadUpdate(add={"tags": ("red",)})}
+    )
+    assert list(result) == ["dog-2"]
+    assert photos.get(["no-such-id"]) == []
+    assert photos.count() == len(PHOTOS)
+    assert photos.update_payloads({}) == {}
+
+
+def test_an_empty_update_changes_nothing_and_returns_the_payload(photos: VectorStore) -> None:
+    assert photos.update_payloads({"cat-1": PayloadUpdate(), "dog-2": PayloadUpdate(add={"tags": ()})}) == {
+        "cat-1": PHOTOS["cat-1"],
+        "dog-2": PHOTOS["dog-2"],
+    }
+    assert [record.payload for record in photos.scroll()] == [PHOTOS[i] for i in sorted(PHOTOS)]
+
+
+def random_update(rng: np.random.Generator, i: int) -> PayloadUpdate:
+    """A mix of every kind of change, drawn so that fields set and fields changed never coincide."""
+    set_: dict[str, object] = {}
+    if rng.random() < 0.5:
+        set_["width"] = None if rng.random() < 0.3 else int(rng.integers(1, 3000))
+    if rng.random() < 0.3:
+        set_["format"] = "PNG"
+    add: dict[str, tuple[str, ...]] = {}
+    remove: dict[str, tuple[str, ...]] = {}
+    if rng.random() < 0.6:
+        add["tags"] = tuple(TAGS[int(t)] for t in rng.integers(len(TAGS), size=int(rng.integers(1, 4))))
+    if rng.random() < 0.4:
+        remove["tags"] = tuple(TAGS[int(t)] for t in rng.integers(len(TAGS), size=2))
+    if rng.random() < 0.4:
+        add["paths"] = (f"/copies/{i}.jpg",)
+    captions = {"tiny-vlm": f"caption {i}"} if rng.random() < 0.5 else {}
+    return PayloadUpdate(set=set_, add=add, remove=remove, captions=captions)
+
+
+def test_updates_give_what_the_reference_semantics_give(filled: VectorStore, points: Points) -> None:
+    rng = np.random.default_rng(31)
+    chosen = [int(i) for i in rng.choice(len(points.ids), size=60, replace=False)]
+    updates = {points.ids[i]: random_update(rng, i) for i in chosen}
+    result = filled.update_payloads(updates)
+    expected = {points.ids[i]: updates[points.ids[i]].apply(points.payloads[i]) for i in chosen}
+    assert result == expected
+    assert {record.id: record.payload for record in filled.get(list(updates))} == expected
+    for i, point in enumerate(points.ids):
+        if point not in updates:
+            assert stored_payload(filled, point) == points.payloads[i]
+
+
+def test_updates_are_seen_by_search_and_filters(photos: VectorStore) -> None:
+    photos.update_payloads(
+        {
+            "bare-3": PayloadUpdate(add={"tags": ("unicorn",), "paths": ("/holidays/3.jpg",)}),
+            "cat-1": PayloadUpdate(remove={"tags": ("sofa",)}),
+        }
+    )
+    query = isotropic(len(PHOTOS), CONTRACT_DIM, seed=30)[2]
+    assert [hit.id for hit in photos.search(query, k=3, filter=Filter(tags_any=("unicorn",)))] == ["bare-3"]
+    assert [hit.id for hit in photos.search(query, k=3, filter=Filter(path_prefix="/holidays/"))] == ["bare-3"]
+    assert photos.count(Filter(tags_all=("unicorn",))) == 1
+    assert photos.count(Filter(tags_any=("sofa",))) == 0
+    assert [record.id for record in photos.scroll(Filter(path_prefix="/holidays/"))] == ["bare-3"]
+    [hit] = photos.search(query, k=1)
+    assert hit.id == "bare-3" and hit.payload["tags"] == ["unicorn"]
+
+
+def test_updates_are_seen_by_keyword_search(photos: VectorStore) -> None:
+    assert photos.keyword_search("zebra", k=5) == []
+    photos.update_payloads(
+        {
+            "bare-3": PayloadUpdate(add={"tags": ("zebra",)}),
+            "dog-2": PayloadUpdate(captions={"tiny-vlm": "a giraffe at the window"}),
+            "cat-1": PayloadUpdate(remove={"paths": ("/photos/cats/1.jpg",)}, add={"paths": ("/lisbon/1.jpg",)}),
+        }
+    )
+    assert [hit.id for hit in photos.keyword_search("zebra", k=5)] == ["bare-3"]
+    assert [hit.id for hit in photos.keyword_search("giraffe", k=5)] == ["dog-2"]
+    assert [hit.id for hit in photos.keyword_search("lisbon", k=5)] == ["cat-1"]
+    assert photos.keyword_search("cats", k=5) == []  # the folder of the removed path
+    photos.update_payloads({"dog-2": PayloadUpdate(set={"captions": None})})
+    assert photos.keyword_search("giraffe", k=5) == []
+
+
+def test_ids_by_path_finds_stored_paths_and_follows_updates(photos: VectorStore) -> None:
+    assert photos.ids_by_path(["/archive/dogs/2.jpg", "/nowhere.jpg", "/photos/cats/1.jpg"]) == {
+        "/archive/dogs/2.jpg": "dog-2",
+        "/photos/cats/1.jpg": "cat-1",
+    }
+    assert photos.ids_by_path([]) == {}
+    assert photos.ids_by_path(["/photos/cats"]) == {}  # whole paths, not prefixes
+    photos.update_payloads(
+        {
+            "bare-3": PayloadUpdate(add={"paths": ("/new/3.jpg",)}),
+            "dog-2": PayloadUpdate(remove={"paths": ("/archive/dogs/2.jpg",)}),
+        }
+    )
+    assert photos.ids_by_path(["/new/3.jpg", "/photos/misc/3.jpg", "/archive/dogs/2.jpg", "/photos/dogs/2.jpg"]) == {
+        "/new/3.jpg": "bare-3",
+        "/photos/misc/3.jpg": "bare-3",
+        "/photos/dogs/2.jpg": "dog-2",
+    }
+    photos.delete(["bare-3"])
+    assert photos.ids_by_path(["/new/3.jpg"]) == {}
+
+
+def test_ids_by_path_answers_many_paths_at_once(filled: VectorStore, points: Points) -> None:
+    wanted = {path: pid for pid, payload in zip(points.ids, points.payloads, strict=True) for path in payload["paths"]}
+    asked = [*wanted, *(f"/unknown/{i}.jpg" for i in range(50))]
+    assert filled.ids_by_path(asked) == wanted
+
+
+def test_updates_survive_close_and_reopen(photos: VectorStore, reopen: Callable[..., VectorStore]) -> None:
+    result = photos.update_payloads(
+        {"cat-1": PayloadUpdate(add={"tags": ("red",)}, captions={"big-vlm": "a cat"}, set={"height": None})}
+    )
+    photos.save()
+    again = reopen(photos)
+    assert stored_payload(again, "cat-1") == result["cat-1"]
+    assert again.ids_by_path(["/photos/cats/1.jpg"]) == {"/photos/cats/1.jpg": "cat-1"}
+
+
+def test_interleaved_updates_through_two_handles_keep_every_change(photos: VectorStore, collection: Collection) -> None:
+    other = other_handle(photos, collection)
+    photos.update_payloads({"cat-1": PayloadUpdate(captions={"deepseek-vl-1.3b": "a cat"})})
+    other.update_payloads({"cat-1": PayloadUpdate(add={"paths": ("/copies/cat.jpg",)})})
+    photos.update_payloads({"cat-1": PayloadUpdate(add={"tags": ("red",)})})
+    other.update_payloads({"cat-1": PayloadUpdate(captions={"big-vlm": "a sleeping cat"})})
+    expected = {
+        **PHOTOS["cat-1"],
+        "paths": ["/photos/cats/1.jpg", "/copies/cat.jpg"],
+        "tags": ["cat", "sofa", "red"],
+        "captions": {"tiny-vlm": "a cat on a sofa", "deepseek-vl-1.3b": "a cat", "big-vlm": "a sleeping cat"},
+    }
+    assert stored_payload(photos, "cat-1") == expected
+    assert stored_payload(other, "cat-1") == expected
+    assert photos.ids_by_path(["/copies/cat.jpg"]) == {"/copies/cat.jpg": "cat-1"}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"add": {"width": ("1",)}}, {"remove": {"captions": ("x",)}}, {"set": {"tags": []}, "add": {"tags": ("a",)}}],
+    ids=["add_to_a_non_list", "remove_from_a_non_list", "set_and_changed"],
+)
+def test_payload_updates_that_cannot_work_are_refused(fields: dict[str, dict[str, object]]) -> None:
+    with pytest.raises(InvalidQuery):
+        PayloadUpdate(**fields)  # type: ignore[arg-type]
