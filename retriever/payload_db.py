@@ -225,6 +225,11 @@ class CommitWatch:
 
     The map stays valid while the connection is open: SQLite truncates or deletes the `-shm` file only when no
     other connection has it open.
+
+    A process maps each `-shm` file once and never closes that file: closing any descriptor of a file drops
+    every POSIX lock the process holds on it, SQLite's among them (its dead-man-switch lock, which tells other
+    processes that the shared memory is in use: without it, another process opening the database rebuilds the
+    WAL index under this one's feet, and its commits fail with "locking protocol").
     """
 
     HEADER_BYTES = 48
@@ -236,17 +241,26 @@ class CommitWatch:
     @classmethod
     def open(cls, path: Path) -> CommitWatch | None:
         """A watch on the `-shm` file at path, or None when there is none or it is not in the known format."""
-        try:
-            with open(path, "rb") as file:
-                if os.fstat(file.fileno()).st_size < cls.HEADER_BYTES:
-                    return None
-                view = mmap.mmap(file.fileno(), cls.HEADER_BYTES, access=mmap.ACCESS_READ)  # keeps its own fd
-        except (OSError, ValueError):
-            return None
+        with _SHM_LOCK:
+            try:
+                status = os.stat(path)
+                view = _SHM_MAPS.get((status.st_dev, status.st_ino))
+                if view is None:
+                    if status.st_size < cls.HEADER_BYTES:
+                        return None
+                    fd = os.open(path, os.O_RDONLY)
+                    _SHM_FILES.append(fd)  # never closed (see above)
+                    opened = os.fstat(fd)
+                    key = (opened.st_dev, opened.st_ino)
+                    view = _SHM_MAPS.get(key)
+                    if view is None:
+                        # the map keeps a descriptor of its own, and is kept for the process's life too
+                        view = _SHM_MAPS[key] = mmap.mmap(fd, cls.HEADER_BYTES, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                return None
         watch = cls(view)
         header = watch.header()
         if int.from_bytes(header[0:4], sys.byteorder) != cls.FORMAT_VERSION or header[12] != 1:
-            watch.close()
             return None
         return watch
 
@@ -255,7 +269,13 @@ class CommitWatch:
         return self._view[: self.HEADER_BYTES]
 
     def close(self) -> None:
-        self._view.close()
+        """Nothing to release: the map is the process's, shared by every watch on the file (see above)."""
+
+
+# (st_dev, st_ino) of a -shm file -> the process's one map of its header; and the descriptors behind them
+_SHM_MAPS: dict[tuple[int, int], mmap.mmap] = {}
+_SHM_FILES: list[int] = []
+_SHM_LOCK = threading.Lock()
 
 
 class PayloadDB:
@@ -354,12 +374,12 @@ class PayloadDB:
 
     def close(self) -> None:
         self._mirror = None
-        if self._commits is not None:
-            self._commits.close()
-            self._commits = None
         self._fresh_conn.close()
         self._conn.close()
         self._write_conn.close()
+        if self._commits is not None:
+            self._commits.close()
+            self._commits = None
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
