@@ -42,8 +42,10 @@ from typing import Any
 import faiss
 import numpy as np
 
+from bench.shared_collection import CatchUp, catch_up, concurrent_indexing, searching_process_memory
 from bench.synthetic_vectors import embedding_like, isotropic
 from retriever.faiss_store import FaissStore
+from retriever.payload_db import MIRROR_MAX_POINTS
 from retriever.qdrant_store import QdrantStore
 from retriever.store import Manifest, VectorStore
 
@@ -69,6 +71,10 @@ class Row:
     ef_search: int | None = None  # HNSW: the efSearch searched with
     first_search_s: float = 0.0  # the first search after opening: FAISS reads every id and payload into memory
     first_search_bytes: float = 0.0  # what that first search adds to the process, per vector
+    catch_up: CatchUp | None = None  # FAISS flat/HNSW: the first search after another process's commit
+    process_bytes: float | None = None  # a new searching process: resident bytes added per point (open + search)
+    process_bytes_uncached: float | None = None  # the same without the payload cache in memory
+    overhead_uncached: float | None = None  # search/bare without the payload cache (hits read from SQLite)
 
 
 def log(message: str) -> None:
@@ -201,6 +207,7 @@ def measure(
     truth: np.ndarray,
     workdir: Path,
     ef_values: list[int],
+    shared: bool = True,
 ) -> list[Row]:
     """The row of one store built from base, and for HNSW one more row per efSearch of ef_values.
 
@@ -235,6 +242,18 @@ def measure(
     rows = [row]
     if isinstance(store, FaissStore):
         row.overhead, row.bare_recall = overhead(store, fresh, fresh_truth)
+        if shared and kind in ("flat", "hnsw"):
+            log(f"{data} n={n} {kind}: searches after another process's commits; memory of a searching process")
+            store.save()
+            row.process_bytes = searching_process_memory(directory / "bench", MIRROR_MAX_POINTS)
+            row.process_bytes_uncached = searching_process_memory(directory / "bench", 0)
+            store.close()  # the payload cache off: hits come from SQLite, as in the other processes' view
+            store = FaissStore.open(directory / "bench", payload_cache_max_points=0)
+            first_search(store, queries[0], n)
+            row.overhead_uncached, _ = overhead(store, fresh, fresh_truth)
+            store.close()
+            store = FaissStore.open(directory / "bench")
+            row.catch_up = catch_up(store, queries)  # commits land in the collection: measured last
         if kind == "hnsw":
             row.ef_search = store._index.ef_search  # type: ignore[attr-defined]
             for ef in ef_values:  # the saved index, reopened with another efSearch
@@ -271,6 +290,21 @@ def print_table(rows: list[Row]) -> None:
         )
 
 
+def print_shared_table(rows: list[Row]) -> None:
+    print(
+        f"{'data':<10} {'n':>9} {'store':<12} {'after commit ms':>15} {'warm ms':>8} {'ratio':>6} "
+        f"{'process B/pt':>12} {'no cache B/pt':>13} {'search/bare':>11} {'no cache':>9}"
+    )
+    for row in rows:
+        if row.catch_up is None:
+            continue
+        print(
+            f"{row.data:<10} {row.n:>9} {'faiss-' + row.kind:<12} {row.catch_up.first_ms:>15.2f} "
+            f"{row.catch_up.warm_ms:>8.2f} {row.catch_up.ratio:>5.2f}x {row.process_bytes or 0:>12.0f} "
+            f"{row.process_bytes_uncached or 0:>13.0f} {row.overhead or 0:>10.2f}x {row.overhead_uncached or 0:>8.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[200_000, 1_000_000])
@@ -286,6 +320,10 @@ def main() -> None:
     parser.add_argument(
         "--ef-search", type=int, nargs="*", default=[], help="HNSW: also search the built index with these efSearch"
     )
+    parser.add_argument(
+        "--indexing-points", type=int, default=100_000, help="two indexing processes against one (0: not run)"
+    )
+    parser.add_argument("--no-shared", action="store_true", help="leave out the many-processes measures")
     args = parser.parse_args()
 
     print(f"machine: {os.cpu_count()} cores, faiss {faiss.__version__}, {args.queries} queries, k={K}, dim {DIM}")
@@ -313,12 +351,26 @@ def main() -> None:
             log(f"{data} n={len(base)}: exact top-{K}")
             truth = exact_top_k(base, queries)
             for kind in kinds:
-                measured = measure(data, kind, base, queries, truth, workdir, args.ef_search)
+                measured = measure(data, kind, base, queries, truth, workdir, args.ef_search, not args.no_shared)
                 rows += measured
                 for row in measured:
                     log(f"  {row}")
+        indexing = None
+        if args.indexing_points and not args.no_shared:
+            log(f"indexing {args.indexing_points} points: one process, then two at once")
+            indexing = concurrent_indexing(workdir, args.indexing_points)
     print()
     print_table(rows)
+    if not args.no_shared:
+        print()
+        print("many processes, one collection (bench/shared_collection.py):")
+        print_shared_table(rows)
+    if indexing is not None:
+        print(
+            f"indexing {args.indexing_points} points in chunks of 256 into a new collection: one process "
+            f"{indexing['one_s']:.1f} s, two processes at once {indexing['two_s']:.1f} s "
+            f"({indexing['one_s'] / indexing['two_s']:.2f}x the rate of one)"
+        )
     if skipped:
         print(f"not run: {', '.join(skipped)}")
     print(f"total {time.perf_counter() - started:.0f} s")

@@ -75,6 +75,10 @@ SAVE_LOCK_FILE = ".save.lock"  # held while index.faiss and index.json are repla
 INDEX_TYPES = ("flat", "hnsw", "ivfpq")
 
 HNSW_REBUILD_FRACTION = 0.2  # rebuild the graph when this share of its nodes are tombstones
+# Other processes' vectors wait beside an HNSW graph (searched exactly) until this many have come; then a background
+# thread of the searching process inserts them into the graph, this many per hold of the index's write lock.
+HNSW_MERGE_AT = 1024
+HNSW_MERGE_BATCH = 64
 IVF_RETRAIN_GROWTH = 4  # retrain IVF-PQ when the collection is this many times what it was trained on
 IVF_TRAIN_SAMPLE = 65536  # k-means cost grows with the sample; this many points fit nlist <= 1600 well
 # IVF-PQ candidates re-scored exactly; pages stay stable while offset + k <= RESCORE_POOL // 4
@@ -162,6 +166,19 @@ class _FaissIndex:
     def add(self, fids: np.ndarray, vectors: np.ndarray) -> None:
         self.index.add_with_ids(vectors, fids)
 
+    def add_later(self, fids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors that a search is waiting for (another process's commit): as cheaply as it can now."""
+        self.add(fids, vectors)
+
+    @property
+    def pending(self) -> int:
+        """Vectors added with add_later that are not in the main structure yet (HNSW only)."""
+        return 0
+
+    def merge_pending(self, limit: int | None = None) -> int:
+        """Move up to limit pending vectors into the main structure; how many moved."""
+        return 0
+
     def remove(self, fids: np.ndarray) -> None:
         self.index.remove_ids(faiss.IDSelectorBatch(fids))
 
@@ -216,6 +233,11 @@ class _HnswIndex(_FaissIndex):
 
     def __init__(self, index: Any, ef_search: int | None) -> None:
         super().__init__(index)
+        # Vectors of other processes' commits wait here, searched exactly beside the graph, until a background
+        # thread inserts them into the graph: an insertion costs about 0.25 ms, so adding 32 in the search that
+        # caught up with them made it 25 times slower than a warm one (bench/stores.py, BENCHMARKS.md).
+        self._pending = faiss.IndexIDMap2(faiss.IndexFlatIP(index.d))
+        self._pending_fids: set[int] = set()
         self._fixed_ef_search = ef_search
         self._default_for = (-1, 0)  # (graph size, default_ef_search of it)
         self._dead: set[int] = set()
@@ -244,14 +266,54 @@ class _HnswIndex(_FaissIndex):
             self._default_for = (total, default_ef_search(total))
         return self._default_for[1]
 
+    def add_later(self, fids: np.ndarray, vectors: np.ndarray) -> None:
+        self._pending.add_with_ids(vectors, fids)
+        self._pending_fids.update(fids.tolist())
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending_fids)
+
+    def merge_pending(self, limit: int | None = None) -> int:
+        if not self._pending_fids:
+            return 0
+        fids = faiss.vector_to_array(self._pending.id_map).astype(np.int64)[:limit]
+        self.index.add_with_ids(np.asarray(self._pending.reconstruct_batch(fids), dtype=np.float32), fids)
+        self._pending.remove_ids(faiss.IDSelectorBatch(fids))
+        self._pending_fids.difference_update(fids.tolist())
+        return len(fids)
+
+    def entries(self) -> np.ndarray:
+        graph = super().entries()
+        if not self._pending_fids:
+            return graph
+        return np.concatenate([graph, faiss.vector_to_array(self._pending.id_map).astype(np.int64)])
+
     def remove(self, fids: np.ndarray) -> None:
+        waiting = {fid for fid in fids.tolist() if fid in self._pending_fids}
+        if waiting:  # never in the graph: simply dropped
+            self._pending.remove_ids(faiss.IDSelectorBatch(np.fromiter(waiting, dtype=np.int64)))
+            self._pending_fids.difference_update(waiting)
+            fids = np.asarray([fid for fid in fids.tolist() if fid not in waiting], dtype=np.int64)
+        if not len(fids):
+            return
         self._dead.update(int(fid) for fid in fids)
         inner = faiss.IDSelectorBatch(np.fromiter(self._dead, dtype=np.int64, count=len(self._dead)))
         self._dead_selector = (faiss.IDSelectorNot(inner), inner)
 
+    def vectors(self, fids: np.ndarray) -> np.ndarray:
+        if not self._pending_fids or not any(fid in self._pending_fids for fid in fids.tolist()):
+            return super().vectors(fids)
+        return np.stack(
+            [
+                (self._pending if fid in self._pending_fids else self.index).reconstruct(int(fid))
+                for fid in fids.tolist()
+            ]
+        ).astype(np.float32)
+
     @property
     def live(self) -> int:
-        return int(self.index.ntotal) - len(self._dead)
+        return int(self.index.ntotal) - len(self._dead) + len(self._pending_fids)
 
     @property
     def tombstones(self) -> int:
@@ -273,6 +335,8 @@ class _HnswIndex(_FaissIndex):
         candidates a search for pool_size(need) returns (up to the order of ties): when the last two differ
         in score, or fewer come back, the top `need` is the same set.
         """
+        if self._pending_fids:
+            return None  # the pending vectors' exact top and the graph's are merged over the full pool
         return need + 1 if need < self.ef_search else None
 
     def _params(self, ef_search: int, selector: Any | None) -> Any:
@@ -292,7 +356,16 @@ class _HnswIndex(_FaissIndex):
         else:
             params = self._params(max(ef_search, n), selector)
         scores, fids = self.index.search(query, n, params=params)
-        return scores[0], fids[0]
+        if not self._pending_fids:
+            return scores[0], fids[0]
+        exact = faiss.SearchParameters()
+        exact.sel = selector
+        more_scores, more_fids = self._pending.search(query, min(n, self._pending.ntotal), params=exact)
+        all_scores = np.concatenate([scores[0], more_scores[0]])
+        all_fids = np.concatenate([fids[0], more_fids[0]])
+        all_scores[all_fids < 0] = -np.inf  # the missing (-1) last, as a search returns them
+        best = np.argsort(-all_scores, kind="stable")[:n]
+        return all_scores[best], all_fids[best]
 
     def default_selector(self) -> Any | None:
         return self._dead_selector[0] if self._dead_selector else None
@@ -632,6 +705,7 @@ class FaissStore:
         self._unsaved = False  # this process changed the index since it was last saved (only writers save)
         self._file_is_stale = False  # the index file on disk lags SQLite (a writer's next save rewrites it)
         self._loaded_meta: dict[str, Any] = {}
+        self._merger: threading.Thread | None = None
         try:
             _remove_abandoned_temp_files(self.directory)
             self._index = self._load_index()
@@ -887,6 +961,7 @@ class FaissStore:
         index is made from one snapshot and then caught up, so it mirrors SQLite like the one it replaces.
         """
         index = self._index
+        index.merge_pending()  # a writer's index holds everything in its main structure before it is saved
         if self.manifest.index_type == "ivfpq":
             count = index.live  # the index mirrors SQLite here
             if isinstance(index, _IvfPqIndex):
@@ -941,9 +1016,25 @@ class FaissStore:
             if len(delta.removed_fids):
                 self._index.remove(delta.removed_fids)
             if len(delta.added_fids):
-                self._index.add(delta.added_fids, delta.added_vectors)
+                self._index.add_later(delta.added_fids, delta.added_vectors)
+                if self._index.pending >= HNSW_MERGE_AT and self._merger is None:
+                    self._merger = threading.Thread(target=self._merge_pending, name=f"merge-{self.name}", daemon=True)
+                    self._merger.start()
         now = delta.now
         self._generation, self._seq, self._next_fid = now.generation, now.seq, max(self._next_fid, now.next_fid)
+
+    def _merge_pending(self) -> None:
+        """The background thread that inserts pending vectors into the HNSW graph, a batch per hold of the write
+        lock, so that searches wait for one batch at most; it ends when none is left (or the store closes)."""
+        while True:
+            try:
+                with self._lock.write():
+                    if self._closed or self._needs_reopen or not self._index.merge_pending(HNSW_MERGE_BATCH):
+                        self._merger = None
+                        return
+            except StoreBusy:
+                pass  # a long write of this process: try again
+            time.sleep(0.001)  # searches that waited run first
 
     def _ensure_current(self) -> None:
         """Catch up with other processes' writes before a search; no query while nothing has committed."""

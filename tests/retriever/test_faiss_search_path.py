@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from bench.synthetic_vectors import isotropic
-from retriever import payload_db
+from retriever import faiss_store, payload_db
 from retriever.errors import InvalidQuery
 from retriever.faiss_store import FaissStore, _HnswIndex, _ReadWriteLock
 from retriever.payload_db import CommitWatch
@@ -524,3 +524,43 @@ def test_concurrent_hnsw_searches_with_tombstones_agree_with_one_at_a_time(tmp_p
         thread.join()
     assert failures == []
     store.close()
+
+
+# --- HNSW: other processes' vectors wait beside the graph ------------------------------------------------
+
+
+def test_vectors_another_store_commits_are_searched_exactly_beside_the_graph_until_merged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader catching up with another store's commits does not insert into its graph in the search (about
+    0.25 ms a vector); they wait beside it, searched exactly, and a background thread merges them once enough
+    have come. Every search answers as if they were in the graph: found, filtered, deleted, never twice."""
+    monkeypatch.setattr(faiss_store, "HNSW_MERGE_AT", 40)
+    points = make_points(300, dim=DIM, seed=46)
+    reader = FaissStore.open(tmp_path / "c", manifest("hnsw"))
+    reader.upsert(points.ids[:200], points.vectors[:200], points.payloads[:200])
+    writer = FaissStore.open(tmp_path / "c")
+    writer.upsert(points.ids[200:230], points.vectors[200:230], points.payloads[200:230])
+    assert reader.search(points.vectors[210], k=1)[0].id == points.ids[210]
+    index = reader._index
+    assert isinstance(index, _HnswIndex) and index.pending == 30 and index.index.ntotal == 200
+    for i in (205, 229):
+        assert reader.search(points.vectors[i], k=1)[0].id == points.ids[i]
+    tagged = Filter(tags_any=("cat",))
+    expected = [i for i in range(230) if "cat" in points.payloads[i].get("tags", [])]
+    hits = reader.search(points.vectors[205], k=230, filter=tagged)
+    assert sorted(hit.id for hit in hits) == sorted(points.ids[i] for i in expected)
+    writer.delete([points.ids[205]])  # a pending point deleted: dropped, not a tombstone
+    assert points.ids[205] not in {hit.id for hit in reader.search(points.vectors[205], k=10)}
+    assert index.pending == 29 and index.tombstones == 0
+    writer.upsert(points.ids[230:260], points.vectors[230:260], points.payloads[230:260])  # past the mark: merged
+    assert reader.search(points.vectors[250], k=1)[0].id == points.ids[250]
+    merger = reader._merger
+    if merger is not None:
+        merger.join(10)
+    assert index.pending == 0 and index.index.ntotal == 259
+    hits = reader.search(points.vectors[250], k=259)
+    assert len(hits) == len({hit.id for hit in hits}) == 259
+    assert reader.index_info().indexed == reader.count() == 259
+    writer.close()
+    reader.close()
