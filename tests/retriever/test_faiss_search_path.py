@@ -370,12 +370,14 @@ def test_a_catch_up_costs_what_changed_not_the_collection(tmp_path: Path) -> Non
     """After another store commits a few points, the reader's catch-up reads the change log and those
     points' vectors only: no statement reads every fid or vector of the collection."""
     points = make_points(400, dim=DIM, seed=45)
-    for index_type in ("flat", "hnsw"):
+    small_ivf = {"ivf_nlist": 4, "pq_m": 4}  # trainable on 380 points
+    for index_type in ("flat", "hnsw", "ivfpq"):
         directory = tmp_path / index_type
-        reader = FaissStore.open(directory, manifest(index_type))
+        reader = FaissStore.open(directory, manifest(index_type), **small_ivf)
         reader.upsert(points.ids[:380], points.vectors[:380], points.payloads[:380])
+        assert reader._index.kind == index_type  # IVF-PQ trained by now
         assert reader.search(points.vectors[0], k=1)[0].id == points.ids[0]
-        writer = FaissStore.open(directory)
+        writer = FaissStore.open(directory, **small_ivf)
         writer.upsert(points.ids[380:], points.vectors[380:], points.payloads[380:])
         writer.delete(points.ids[:3])
         statements = traced(reader)
