@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -49,25 +50,39 @@ def prepare(image: Image.Image, side: int) -> Image.Image:
     return image.reduce(factor) if factor >= 2 else image
 
 
-# PIL converts and resizes without the GIL, so a chunk of candidates is prepared on every core at once.
-def _new_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="vlsearch-prepare")
+def default_workers() -> int:
+    """Threads that prepare candidates when the caller names none: a few, not every core in every process."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
-_POOL = _new_pool()
+# PIL converts and resizes without the GIL, so a chunk of candidates is prepared on several threads at once.
+# Pools by size, made on first use; each process (an API server, each worker) has its own.
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
-def _renew_pool_in_child() -> None:
-    """A forked child (a prefork Celery worker) has none of the parent's threads: give it a pool of its own."""
-    global _POOL
-    _POOL = _new_pool()
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlsearch-prepare")
+            _POOLS[workers] = pool
+        return pool
 
 
-os.register_at_fork(after_in_child=_renew_pool_in_child)
+def _renew_pools_in_child() -> None:
+    """A forked child (a prefork Celery worker) has none of the parent's threads: it makes pools of its own."""
+    global _POOLS_LOCK
+    _POOLS_LOCK = threading.Lock()
+    _POOLS.clear()
 
 
-def prepare_all(images: Sequence[Image.Image], side: int) -> list[Image.Image]:
-    """`prepare` of each image, in input order; several at once when there are several."""
-    if len(images) < 2:
+os.register_at_fork(after_in_child=_renew_pools_in_child)
+
+
+def prepare_all(images: Sequence[Image.Image], side: int, workers: int | None = None) -> list[Image.Image]:
+    """`prepare` of each image, in input order; on up to `workers` threads (default: `default_workers()`)."""
+    workers = workers or default_workers()
+    if workers < 2 or len(images) < 2:
         return [prepare(image, side) for image in images]
-    return list(_POOL.map(prepare, images, [side] * len(images)))
+    return list(_pool(workers).map(prepare, images, [side] * len(images)))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,12 +48,36 @@ from reranker.scoring import (
     yes_probability,
 )
 
+# What names one copy of the weights and where it lives: source, device, dtype, device_map, revision,
+# local_files_only. Behaviour options (chunk size, score method, prompts …) are not part of it.
+WeightsKey = tuple[str, str, str, str | None, str | None, bool]
+
+
+@dataclass(eq=False)
+class SharedWeights:
+    """One loaded copy of the weights and the locks of everyone who uses it.
+
+    `run_lock`: one inference at a time on these weights (concurrent calls would multiply the activations
+    chunk_size allows). `text_lock`: every use of the tokenizer and processor; transformers sets padding and
+    truncation on the shared Rust tokenizer before each call, so concurrent calls raise `RuntimeError:
+    Already borrowed` or silently get each other's settings (huggingface/tokenizers#537). Order: run_lock,
+    then text_lock, never the other way round.
+    """
+
+    loaded: LoadedVLM
+    run_lock: threading.Lock = field(default_factory=threading.Lock)
+    text_lock: threading.Lock = field(default_factory=threading.Lock)
+
 
 class VisionLanguageModel:
     """DeepSeek-VL by hub id or local directory: `score` (rerank), `caption`, `ask`, `score_texts` (tags).
 
     Building one does no I/O; the first use (or `load()`) loads the weights once, under a lock. Inference
-    runs one call at a time, in chunks of `chunk_size` candidates: peak memory is what chunk_size allows.
+    runs one call at a time per copy of the weights, in chunks of `chunk_size` candidates: peak memory is what
+    chunk_size allows. Safe to call from several threads. `shared=True` (what `get_model` does) takes the
+    process's one copy of these weights, shared by models that differ only in behaviour options; otherwise the
+    object loads a copy of its own. In a forked child the object forgets what it loaded in the parent and loads
+    again on first use (CUDA does not survive a fork; a prefork Celery child gets its own model).
     """
 
     def __init__(
@@ -64,6 +92,8 @@ class VisionLanguageModel:
         caption_prompt: str | None = None,
         local_files_only: bool = False,
         revision: str | None = None,
+        image_workers: int | None = None,
+        shared: bool = False,
     ) -> None:
         if score_method is not None and score_method not in SCORE_METHODS:
             raise UnknownScoreMethod(
@@ -74,6 +104,8 @@ class VisionLanguageModel:
             raise ValueError(
                 f"chunk_size ({chunk_size}) and max_new_tokens ({max_new_tokens}) must be at least 1"
             )
+        if image_workers is not None and image_workers < 1:
+            raise ValueError(f"image_workers ({image_workers}) must be at least 1")
         self.source = source
         self.device = device
         self.dtype = dtype
@@ -82,34 +114,55 @@ class VisionLanguageModel:
         self.max_new_tokens = max_new_tokens
         self.local_files_only = local_files_only
         self.revision = revision
+        self.image_workers = image_workers  # threads that prepare candidate images; None: a small default
+        self.shared = shared
         self._requested_score_method = score_method
         self._requested_caption_prompt = caption_prompt
-        self._loaded: LoadedVLM | None = None
+        self._weights: SharedWeights | None = None
         self._yes_ids: list[int] = []
         self._no_ids: list[int] = []
         self._identity: str | None = None
         self._in_memory = False
         self._load_lock = threading.Lock()
-        self._run_lock = threading.Lock()  # concurrent calls would multiply the activations chunk_size allows
+        _INSTANCES.add(self)
 
     # --- loading -------------------------------------------------------------------------------------------
 
     def load(self) -> None:
         """Load weights and processor if not loaded yet; safe to call from several threads."""
-        if self._loaded is not None:
-            return
+        self._ready()
+
+    def _ready(self) -> SharedWeights:
+        """The weights this object runs on, loaded on first call."""
+        weights = self._weights
+        if weights is not None:
+            return weights
         with self._load_lock:
-            if self._loaded is not None:
-                return
-            loaded = load_vlm(
-                self.source,
-                device=self.device,
-                dtype=self.dtype,
-                device_map=self.device_map,
-                local_files_only=self.local_files_only,
-                revision=self.revision,
-            )
-            self._install(loaded)
+            current = self._weights
+            if current is None:
+                if self.shared:
+                    current = _shared_weights(self.weights_key, self._load_weights)
+                else:
+                    current = SharedWeights(self._load_weights())
+                self._install(current)
+            return current
+
+    def _load_weights(self) -> LoadedVLM:
+        return load_vlm(
+            self.source,
+            device=self.device,
+            dtype=self.dtype,
+            device_map=self.device_map,
+            local_files_only=self.local_files_only,
+            revision=self.revision,
+        )
+
+    @property
+    def weights_key(self) -> WeightsKey:
+        """What names this object's weights and their placement (a local directory by its resolved path)."""
+        path = Path(self.source).expanduser()
+        source = str(path.resolve()) if path.is_dir() else self.source
+        return (source, self.device, self.dtype, self.device_map, self.revision, self.local_files_only)
 
     @classmethod
     def from_components(
@@ -117,41 +170,52 @@ class VisionLanguageModel:
     ) -> VisionLanguageModel:
         """Wrap a model and processor already in memory (a trainer's, a benchmark's); reads no files.
 
-        Its identity is a sha256 of the parameters, since there are no files to name.
+        Its identity is a sha256 of the parameters, since there are no files to name. It is never shared
+        with other objects, and a forked child keeps using it (there is nothing to reload it from).
         """
-        vlm = cls(source, **options)
+        vlm = cls(source, **{**options, "shared": False})
         prepare_tokenizer(processor.tokenizer)
         device = model.get_input_embeddings().weight.device
         memory = LoadedVLM(model.eval(), processor, device, model.dtype, None, None, ModelPreferences())
         with vlm._load_lock:
-            vlm._install(memory)
+            vlm._install(SharedWeights(memory))
         vlm._in_memory = True
         return vlm
 
-    def _install(self, loaded: LoadedVLM) -> None:
-        """Check what scoring needs from a loaded model, then make it this object's model."""
+    def _install(self, weights: SharedWeights) -> None:
+        """Check what scoring needs from loaded weights, then make them this object's (caller holds _load_lock)."""
+        loaded = weights.loaded
         preferred = loaded.preferences.score_method
         if preferred is not None and preferred not in SCORE_METHODS:
             raise UnknownScoreMethod(
                 f"{PREFERENCES_FILE} of {self.source} asks for score method {preferred!r}, "
                 f"which is not one of {', '.join(SCORE_METHODS)}"
             )
-        tokenizer = loaded.processor.tokenizer
-        self._yes_ids = single_token_ids(tokenizer, YES_VARIANTS)
-        self._no_ids = single_token_ids(tokenizer, NO_VARIANTS)
-        if not self._yes_ids or not self._no_ids:
+        with weights.text_lock:  # shared weights: other objects may be tokenising right now
+            yes_ids = single_token_ids(loaded.processor.tokenizer, YES_VARIANTS)
+            no_ids = single_token_ids(loaded.processor.tokenizer, NO_VARIANTS)
+        if not yes_ids or not no_ids:
             raise UnsupportedModel(
                 f"the tokenizer of {self.source} has no single token for {YES_VARIANTS} or "
                 f"{NO_VARIANTS}, which the vqa score reads; set {MODEL_SETTING} to another checkpoint"
             )
-        self._loaded = loaded
+        self._yes_ids, self._no_ids = yes_ids, no_ids
+        self._weights = weights
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop the parent's weights (loaded again on first use) and its locks."""
+        self._load_lock = threading.Lock()
+        weights = self._weights
+        if weights is None:
+            return
+        _PARENT_WEIGHTS.append(weights.loaded)
+        # An in-memory model has no files to reload from: keep it, with fresh locks.
+        self._weights = SharedWeights(weights.loaded) if self._in_memory else None
 
     @property
     def loaded(self) -> LoadedVLM:
         """The loaded model and processor (loads on first access)."""
-        self.load()
-        assert self._loaded is not None
-        return self._loaded
+        return self._ready().loaded
 
     @property
     def model(self) -> Any:
@@ -160,7 +224,11 @@ class VisionLanguageModel:
 
     @property
     def processor(self) -> Any:
-        """The checkpoint's processor (tokenizer, image processor, chat template)."""
+        """The checkpoint's processor (tokenizer, image processor, chat template).
+
+        Its tokenizer is not safe to call from several threads at once; the methods of this class serialise
+        their own use of it.
+        """
         return self.loaded.processor
 
     @property
@@ -219,8 +287,9 @@ class VisionLanguageModel:
         if not images:
             return []
         rows, answers = self._rows([query], chosen)
+        weights = self._ready()
         scores: list[float] = []
-        with self._run_lock:
+        with weights.run_lock:
             for start in range(0, len(images), self.chunk_size):
                 chunk = images[start : start + self.chunk_size]
                 features = self._encode(chunk)
@@ -233,8 +302,9 @@ class VisionLanguageModel:
         if not texts:
             return []
         rows, answers = self._rows(texts, chosen)
+        weights = self._ready()
         scores: list[float] = []
-        with self._run_lock:
+        with weights.run_lock:
             features = self._encode([image])
             for start in range(0, len(texts), self.chunk_size):
                 stop = start + self.chunk_size
@@ -244,7 +314,7 @@ class VisionLanguageModel:
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The aligned image embeddings the language model reads, (images, image tokens, hidden size)."""
-        with self._run_lock:
+        with self._ready().run_lock:
             return self._encode(images)
 
     def _method(self, method: str | None) -> str:
@@ -254,18 +324,22 @@ class VisionLanguageModel:
         return chosen
 
     def _encode(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Image features of `images` (caller holds run_lock, which also guards the image processor)."""
         loaded = self.loaded
         image_processor = loaded.processor.image_processor
         side = input_side(image_processor)
         # Grouped: candidates of one shape are resized and normalised as one stacked tensor, not one by one
         # (transformers' default on CPU); the same values, in a fraction of the time for a chunk of photos.
-        pixels = image_processor(prepare_all(images, side), return_tensors="pt", disable_grouping=False)
+        prepared = prepare_all(images, side, self.image_workers)
+        pixels = image_processor(prepared, return_tensors="pt", disable_grouping=False)
         inputs = {name: self._to_device(name, tensor) for name, tensor in pixels.items()}
         return image_features(loaded.model, inputs)
 
-    def _prompt_ids(self, text: str) -> list[int]:
-        """Ids of the chat-formatted prompt for one image and `text`: image tokens expanded, BOS included."""
-        processor = self.processor
+    def _prompt_ids(self, processor: Any, text: str) -> list[int]:
+        """Ids of the chat-formatted prompt for one image and `text`: image tokens expanded, BOS included.
+
+        The caller holds text_lock.
+        """
         prompt = expand_image_tokens(render_prompt(processor, text), processor)
         ids: list[int] = processor.tokenizer(prompt)["input_ids"]
         return ids
@@ -274,20 +348,26 @@ class VisionLanguageModel:
         """Per text: prompt ids (vqa: question; caption: caption prompt + text), answer ids scored."""
         if any(not text.strip() for text in texts):
             raise EmptyQuery("the query (or a tag) is empty; there is no text to score")
-        tokenizer = self.processor.tokenizer
-        if method == VQA:
-            rows = [self._prompt_ids(VQA_QUESTION.format(query=text.strip())) for text in texts]
-            answers: list[list[int]] = [[] for _ in texts]
-        else:
-            prompt = self._prompt_ids(self.caption_prompt)
-            # The template renders an assistant turn as "Assistant: {text}": the answer starts with a space.
-            answers = [tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"] for text in texts]
-            rows = [prompt + answer for answer in answers]
+        weights = self._ready()
+        processor = weights.loaded.processor
+        max_context = self.max_context
+        caption_prompt = self.caption_prompt
+        with weights.text_lock:
+            if method == VQA:
+                rows = [self._prompt_ids(processor, VQA_QUESTION.format(query=text.strip())) for text in texts]
+                answers: list[list[int]] = [[] for _ in texts]
+            else:
+                prompt = self._prompt_ids(processor, caption_prompt)
+                # The template renders an assistant turn as "Assistant: {text}": the answer starts with a space.
+                answers = [
+                    processor.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"] for text in texts
+                ]
+                rows = [prompt + answer for answer in answers]
         for text, row in zip(texts, rows, strict=True):
-            if len(row) > self.max_context:
+            if len(row) > max_context:
                 raise PromptTooLong(
                     f"the query {text[:40]!r}… makes a prompt of {len(row)} tokens, more than the "
-                    f"{self.max_context} positions of {self.source} (max_position_embeddings in its "
+                    f"{max_context} positions of {self.source} (max_position_embeddings in its "
                     f"config.json); shorten the query"
                 )
         return rows, answers
@@ -325,14 +405,17 @@ class VisionLanguageModel:
         return self._generate([image], question.strip(), max_new_tokens or self.max_new_tokens)[0]
 
     def _generate(self, images: Sequence[Image.Image], text: str, max_new_tokens: int) -> list[str]:
-        loaded = self.loaded
+        weights = self._ready()
+        loaded = weights.loaded
         processor, tokenizer = loaded.processor, loaded.processor.tokenizer
-        prompt = render_prompt(processor, text)
-        prompt_length = len(self._prompt_ids(text))
-        if prompt_length + max_new_tokens > self.max_context:
+        max_context = self.max_context
+        with weights.text_lock:
+            prompt = render_prompt(processor, text)
+            prompt_length = len(self._prompt_ids(processor, text))
+        if prompt_length + max_new_tokens > max_context:
             raise PromptTooLong(
                 f"a prompt of {prompt_length} tokens plus {max_new_tokens} new ones is more than the "
-                f"{self.max_context} positions of {self.source}; shorten the question or lower max_new_tokens"
+                f"{max_context} positions of {self.source}; shorten the question or lower max_new_tokens"
             )
         settings = GenerationConfig(
             max_new_tokens=max_new_tokens,
@@ -345,16 +428,16 @@ class VisionLanguageModel:
         )
         side = input_side(processor.image_processor)
         texts: list[str] = []
-        with self._run_lock, torch.inference_mode():
+        with weights.run_lock, torch.inference_mode():
             for start in range(0, len(images), self.chunk_size):
-                chunk = prepare_all(images[start : start + self.chunk_size], side)
-                inputs = processor(
-                    text=[prompt] * len(chunk), images=chunk, return_tensors="pt", padding=True
-                )
+                chunk = prepare_all(images[start : start + self.chunk_size], side, self.image_workers)
+                with weights.text_lock:  # pads: sets padding on the shared tokenizer
+                    inputs = processor(text=[prompt] * len(chunk), images=chunk, return_tensors="pt", padding=True)
                 inputs = {name: self._to_device(name, tensor) for name, tensor in inputs.items()}
                 output = loaded.model.generate(**inputs, generation_config=settings)
                 new_tokens = output[:, inputs["input_ids"].shape[1] :]
-                decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                with weights.text_lock:
+                    decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 texts += [clean_generated_text(answer) for answer in decoded]
         return texts
 
@@ -365,17 +448,71 @@ class VisionLanguageModel:
         return tensor.to(loaded.input_device)
 
 
+# Per process: models by all their arguments, and one copy of the weights per WeightsKey that they share.
 _MODELS: dict[tuple[str, tuple[tuple[str, Any], ...]], VisionLanguageModel] = {}
 _MODELS_LOCK = threading.Lock()
+_WEIGHTS: dict[WeightsKey, SharedWeights] = {}
+_WEIGHTS_LOADING: dict[WeightsKey, threading.Lock] = {}  # one load at a time per key, others may run meanwhile
+_WEIGHTS_LOCK = threading.Lock()
+_INSTANCES: weakref.WeakSet[VisionLanguageModel] = weakref.WeakSet()
+# In a forked child, what the parent had loaded: kept referenced, never freed there (its pages are shared
+# copy-on-write with the parent, and CUDA memory of the parent's context must not be touched in a child).
+_PARENT_WEIGHTS: list[LoadedVLM] = []
+
+
+def _shared_weights(key: WeightsKey, load: Callable[[], LoadedVLM]) -> SharedWeights:
+    """The process's one copy of the weights `key` names, loaded by `load()` on first request."""
+    with _WEIGHTS_LOCK:
+        weights = _WEIGHTS.get(key)
+        if weights is not None:
+            return weights
+        loading = _WEIGHTS_LOADING.setdefault(key, threading.Lock())
+    with loading:
+        with _WEIGHTS_LOCK:
+            weights = _WEIGHTS.get(key)
+        if weights is None:
+            weights = SharedWeights(load())
+            with _WEIGHTS_LOCK:
+                _WEIGHTS[key] = weights
+        return weights
 
 
 def get_model(source: str, **options: Any) -> VisionLanguageModel:
-    """The process's loaded VisionLanguageModel for these arguments, built and loaded on first request."""
+    """The process's loaded VisionLanguageModel for these arguments, built and loaded on first request.
+
+    Models whose arguments differ only in behaviour (chunk_size, score_method, max_new_tokens, caption_prompt,
+    image_workers) are different objects on one shared copy of the weights.
+    """
     key = (source, tuple(sorted(options.items())))
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
-            model = VisionLanguageModel(source, **options)
+            model = VisionLanguageModel(source, **options, shared=True)
             _MODELS[key] = model
     model.load()  # outside the registry lock: loading one model must not block using another
     return model
+
+
+def _forget_models_in_child() -> None:
+    """A forked child (a prefork Celery worker) shares no model with its parent: it loads its own on first use.
+
+    Locks are replaced too: a thread of the parent may have held one at the fork, and it does not exist here.
+    A parent that loaded weights has run torch on its OpenMP threads, which the child lacks: a parallel region in
+    the child then waits for them forever (pytorch/pytorch#17199, #41197), so such a child runs torch on one
+    thread. A parent that never loaded a model (a Celery prefork parent) leaves the child's threads alone.
+    """
+    global _MODELS_LOCK, _WEIGHTS_LOCK
+    parent_ran_torch = bool(_WEIGHTS) or any(model._weights is not None for model in list(_INSTANCES))
+    _MODELS_LOCK = threading.Lock()
+    _WEIGHTS_LOCK = threading.Lock()
+    _MODELS.clear()
+    _PARENT_WEIGHTS.extend(weights.loaded for weights in _WEIGHTS.values())
+    _WEIGHTS.clear()
+    _WEIGHTS_LOADING.clear()
+    for model in list(_INSTANCES):
+        model._forget_after_fork()
+    if parent_ran_torch:
+        torch.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_forget_models_in_child)
