@@ -54,6 +54,7 @@ from retriever.errors import (
     StoreBusy,
     StoreUnavailable,
 )
+from retriever.faiss_device import FaissDevice, GpuFlatSearch, resolve_faiss_device, train_ivf
 from retriever.keywords import bm25, idf, query_terms
 from retriever.payload_db import MIRROR_MAX_POINTS, PayloadDB, VectorChanges
 from retriever.store import (
@@ -101,6 +102,7 @@ class IndexSettings:
     # faiss's default of 40 gave recall@10 0.956 at efSearch 128 on 200k embedding-like vectors; 80 gave 0.997
     # for about the same build time (bench/stores.py, BENCHMARKS.md)
     hnsw_ef_construction: int = 80
+    device: FaissDevice = "cpu"  # cuda: flat search and IVF-PQ training on the GPU (retriever/faiss_device.py)
 
     def check(self, manifest: Manifest) -> None:
         """Raise InvalidStoreSettings for parameters that cannot build manifest's index."""
@@ -222,9 +224,30 @@ class _FaissIndex:
 class _FlatIndex(_FaissIndex):
     kind = "flat"
 
+    def __init__(self, index: Any, device: FaissDevice = "cpu") -> None:
+        super().__init__(index)
+        # on cuda, unfiltered searches run on a GPU copy; the CPU index stays the one of record
+        self._gpu = GpuFlatSearch(index) if device == "cuda" else None
+
     @classmethod
-    def empty(cls, dim: int) -> _FlatIndex:
-        return cls(faiss.index_factory(dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT))
+    def empty(cls, dim: int, device: FaissDevice = "cpu") -> _FlatIndex:
+        return cls(faiss.index_factory(dim, "IDMap2,Flat", faiss.METRIC_INNER_PRODUCT), device)
+
+    def add(self, fids: np.ndarray, vectors: np.ndarray) -> None:
+        super().add(fids, vectors)
+        if self._gpu is not None:
+            self._gpu.add(fids, vectors)
+
+    def remove(self, fids: np.ndarray) -> None:
+        super().remove(fids)
+        if self._gpu is not None:
+            self._gpu.invalidate()
+
+    def search(self, query: np.ndarray, n: int, selector: Any | None) -> tuple[np.ndarray, np.ndarray]:
+        if self._gpu is None or selector is not None:
+            return super().search(query, n, selector)
+        scores, fids = self._gpu.search(query, n)
+        return scores[0], fids[0]
 
 
 class _HnswIndex(_FaissIndex):
@@ -419,7 +442,7 @@ def _wrap_loaded(
     if isinstance(inner, faiss.IndexHNSWFlat):
         return _HnswIndex(index, settings.hnsw_ef_search) if manifest.index_type == "hnsw" else None
     if isinstance(inner, faiss.IndexFlat) and manifest.index_type in ("flat", "ivfpq"):
-        return _FlatIndex(index)  # for ivfpq: the exact stand-in used until there is enough data to train
+        return _FlatIndex(index, settings.device)  # for ivfpq: the exact stand-in until there is data to train
     return None
 
 
@@ -748,6 +771,7 @@ class FaissStore:
         ivf_nprobe: int = 16,
         lock_timeout: float = 5.0,
         payload_cache_max_points: int = MIRROR_MAX_POINTS,
+        faiss_device: str = "cpu",
     ) -> FaissStore:
         """Open the collection in `directory`, or create it with `manifest` when it does not exist.
 
@@ -757,7 +781,8 @@ class FaissStore:
         a manifest: CollectionNotFound. A writer's open (with a manifest) trains or rebuilds an index that is due.
         """
         directory = Path(directory)
-        settings = IndexSettings(hnsw_m, hnsw_ef_search, ivf_nlist, ivf_nprobe, pq_m, hnsw_ef_construction)
+        device = resolve_faiss_device(faiss_device)  # auto: the GPU where faiss has one (VLSEARCH_FAISS_DEVICE)
+        settings = IndexSettings(hnsw_m, hnsw_ef_search, ivf_nlist, ivf_nprobe, pq_m, hnsw_ef_construction, device)
         options: dict[str, Any] = {"lock_timeout": lock_timeout, "payload_cache_max_points": payload_cache_max_points}
         manifest_path = directory / MANIFEST_FILE
         if manifest is None:
@@ -890,7 +915,7 @@ class FaissStore:
     def _empty_index(self) -> _FaissIndex:
         if self.manifest.index_type == "hnsw":
             return _HnswIndex.empty(self.manifest.dim, self.settings)
-        return _FlatIndex.empty(self.manifest.dim)  # ivfpq starts exact and trains in _maintain_index
+        return _FlatIndex.empty(self.manifest.dim, self.settings.device)  # ivfpq: exact until trained
 
     def _read_index_file(self) -> tuple[_FaissIndex | None, dict[str, Any]]:
         """The saved index as the manifest's kind (None when missing, unreadable or of another kind) and its meta."""
@@ -949,7 +974,7 @@ class FaissStore:
         )
         # on by default, unused by our searches, and 500x the training time
         index.do_polysemous_training = False
-        index.train(self._db.vectors(sample))
+        train_ivf(index, self._db.vectors(sample), self.settings.device)
         trained = _IvfPqIndex(index, self.settings.ivf_nprobe, trained_on=len(fids))
         self._rebuild(trained)
         return trained

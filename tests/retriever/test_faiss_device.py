@@ -10,6 +10,7 @@ measures those on a machine with a GPU build.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -278,3 +279,71 @@ def test_training_on_cuda_without_a_gpu_build_is_an_invalid_setting() -> None:
         pytest.skip("a GPU build of faiss with a GPU is installed here")
     with pytest.raises(InvalidSetting, match=DEVICE_SETTING):
         train_ivf(ivfpq(), clustered(1000), "cuda")
+
+
+# --- the store on each device ---------------------------------------------------------------------------------
+
+
+def test_the_store_takes_the_device_setting_and_falls_back_to_cpu_without_a_gpu(tmp_path: Path) -> None:
+    from retriever.faiss_store import FaissStore
+    from retriever.store import Manifest
+
+    manifest = Manifest(encoder="test", weights="untrained", dim=DIM)
+    store = FaissStore.open(tmp_path / "c", manifest, faiss_device="auto")
+    assert store.settings.device == ("cuda" if gpu_available() else "cpu")
+    store.close()
+    if not gpu_available():
+        with pytest.raises(InvalidSetting, match="VLSEARCH_FAISS_DEVICE"):
+            FaissStore.open(tmp_path / "c", faiss_device="cuda")
+
+
+def test_on_cuda_the_store_searches_a_gpu_copy_and_answers_as_on_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's wiring, with the fake GPU faiss at the GPU boundary (no GPU here): unfiltered flat searches
+    go to the GPU copy, filtered ones to the CPU index; a delete drops the copy, which is rebuilt; IVF-PQ
+    training assigns on the GPU; every answer equals the CPU store's."""
+    from dataclasses import replace
+    from functools import partial
+
+    from retriever import faiss_store
+    from retriever.faiss_store import FaissStore
+    from retriever.store import Filter, Manifest
+
+    fake = FakeGpuFaiss()
+    monkeypatch.setattr(faiss_store, "resolve_faiss_device", lambda requested: "cuda")
+    monkeypatch.setattr(faiss_store, "GpuFlatSearch", partial(faiss_store.GpuFlatSearch, faiss_module=fake))
+    trainer = FakeGpuFaiss(wrap_copies=False)  # faiss takes only real indexes as clustering indexes
+    monkeypatch.setattr(faiss_store, "train_ivf", partial(faiss_store.train_ivf, faiss_module=trainer))
+    vectors = unit_vectors(300, seed=3)
+    ids = [f"p{i:03d}" for i in range(300)]
+    payloads = [{"tags": ["even" if i % 2 == 0 else "odd"]} for i in range(300)]
+    manifest = Manifest(encoder="test", weights="untrained", dim=DIM)
+    gpu = FaissStore.open(tmp_path / "gpu", manifest, faiss_device="cuda")
+    ivf = FaissStore.open(
+        tmp_path / "ivf", replace(manifest, index_type="ivfpq"), faiss_device="cuda", ivf_nlist=4, pq_m=4
+    )
+    ivf.upsert(ids, vectors, payloads)  # enough to train: k-means assigns on the "GPU"
+    assert ivf.index_info().kind == "ivfpq" and ("IndexFlatIP", DIM, 0) in trainer.copied
+    assert ivf.search(vectors[7], k=1)[0].id == ids[7]
+    ivf.close()
+    monkeypatch.undo()
+    cpu = FaissStore.open(tmp_path / "cpu", manifest, faiss_device="cpu")
+    for store in (gpu, cpu):
+        store.upsert(ids, vectors, payloads)
+    queries = unit_vectors(5, seed=4)
+
+    def answers(store: FaissStore, flt: Filter | None = None) -> list[list[tuple[str, float]]]:
+        return [[(hit.id, round(hit.score, 5)) for hit in store.search(q, k=10, filter=flt)] for q in queries]
+
+    assert gpu.settings.device == "cuda" and cpu.settings.device == "cpu"
+    assert answers(gpu) == answers(cpu) and "gpu search" in fake.log
+    searched = fake.log.count("gpu search")
+    assert answers(gpu, Filter(tags_any=("even",))) == answers(cpu, Filter(tags_any=("even",)))
+    assert fake.log.count("gpu search") == searched  # filtered: on the CPU index
+    for store in (gpu, cpu):
+        store.delete(ids[:50])
+    copies = fake.log.count("to gpu")
+    assert answers(gpu) == answers(cpu) and fake.log.count("to gpu") == copies + 1  # rebuilt after the delete
+    gpu.close()
+    cpu.close()
