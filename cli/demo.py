@@ -5,12 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from core.container import SHIPPED_CLIP_MODELS, SHIPPED_VLM_MODELS, Container
+from core.container import SHIPPED_CLIP_MODELS, SHIPPED_VLM_MODELS
+from core.service import Query, Service
 from core.settings import Settings
-from indexer.pipeline import index_images
-from indexer.sources import iter_sources
 from models.shapes_world import caption_is_true, generate_scenes, read_collection, true_captions, write_collection
-from retriever.query import Query, search
 
 DEMO_DIR = Path("demo-data")
 DEMO_QUERIES = ("a red circle", "a large blue square")
@@ -40,36 +38,36 @@ def main(root: Path = DEMO_DIR, scenes: int = 300) -> None:
         print(f"generating {scenes} shapes-world scenes (test split) in {images}")
         write_collection(generate_scenes("test", scenes, seed=7), images, size=128)
     shutil.rmtree(settings.data_dir, ignore_errors=True)
-    container = Container(settings)
-    encoder = container.encoder()
-    if not trained:
-        print("NOTE: models/shapes-clip is not there, so this demo uses an UNTRAINED tiny model: the pipeline runs,")
-        print("      but its rankings are meaningless.")
-    store = container.create_or_open_store(settings.collection, encoder)
-    report = index_images(iter_sources([images]), encoder, store, batch_size=64, workers=2)
-    print(f"indexed {report.added} images in {report.seconds:.1f}s with {encoder.name} ({encoder.identity[:19]}…)")
-    collection = read_collection(images)
-    scenes_by_path = {str(path.resolve()): scene for path, scene in collection}
-    # A relation query that some scene of this collection makes true.
-    relation = next(c for _, scene in collection for c in true_captions(scene, ("relation",)))
-    vlm = container.vlm() if generative else None
-    for text in (*DEMO_QUERIES, relation):
-        rankings = [("CLIP", Query(text=text, k=5))]
-        if vlm is not None:
-            rankings.append((f"CLIP + rerank ({vlm.score_method})", Query(text=text, k=5, rerank=True, captions=True)))
-        for label, query in rankings:
-            loader = container.hit_image_loader(vlm)
-            hits = search(store, encoder, query, scorer=vlm, captioner=vlm, load_hit_image=loader)
-            print(f'\nsearch "{text}"  [{label}]')
-            for rank, hit in enumerate(hits, 1):
-                scene = scenes_by_path.get(str(Path(hit.path or "").resolve()))
-                verdict = "match" if scene is not None and caption_is_true(scene, text) else "no match"
-                shown = f"{hit.score:.3f}" if hit.rerank_score is None else f"{hit.score:.3f} -> {hit.rerank_score:.3f}"
-                caption = next(iter((hit.payload.get("captions") or {}).values()), "")
-                print(f"  {rank}. {shown:<16} {Path(hit.path or '').name:<10} {verdict:<9} {caption}")
-    if vlm is None:
-        print("\n(models/shapes-vlm is not there: no reranking or captions in this demo)")
-    store.close()
+    with Service(settings) as service:
+        encoder = service.container.encoder()
+        if not trained:
+            print("NOTE: models/shapes-clip is not there, so this demo uses an UNTRAINED tiny model: the pipeline")
+            print("      runs, but its rankings are meaningless.")
+        indexed = service.index([images], settings.collection, batch_size=64, workers=2)
+        report = indexed.report
+        print(f"indexed {report.added} images in {report.seconds:.1f}s with {encoder.name} ({encoder.identity[:19]}…)")
+        collection = read_collection(images)
+        scenes_by_path = {str(path.resolve()): scene for path, scene in collection}
+        # A relation query that some scene of this collection makes true.
+        relation = next(c for _, scene in collection for c in true_captions(scene, ("relation",)))
+        vlm = service.container.vlm() if generative else None
+        for text in (*DEMO_QUERIES, relation):
+            rankings = [("CLIP", Query(text=text, k=5))]
+            if vlm is not None:
+                reranked = Query(text=text, k=5, rerank=True, captions=True)
+                rankings.append((f"CLIP + rerank ({vlm.score_method})", reranked))
+            for label, query in rankings:
+                hits = service.search(query, settings.collection).hits
+                print(f'\nsearch "{text}"  [{label}]')
+                for rank, hit in enumerate(hits, 1):
+                    scene = scenes_by_path.get(str(Path(hit.path or "").resolve()))
+                    verdict = "match" if scene is not None and caption_is_true(scene, text) else "no match"
+                    score = f"{hit.score:.3f}"
+                    shown = score if hit.rerank_score is None else f"{score} -> {hit.rerank_score:.3f}"
+                    caption = next(iter(hit.captions.values()), "")
+                    print(f"  {rank}. {shown:<16} {Path(hit.path or '').name:<10} {verdict:<9} {caption}")
+        if vlm is None:
+            print("\n(models/shapes-vlm is not there: no reranking or captions in this demo)")
     rerank = " --vlm shapes-vlm --rerank --captions" if vlm is not None else ""
     print(
         f"\ntry it yourself: VLSEARCH_DATA_DIR={settings.data_dir} .venv/bin/vlsearch search 'a purple square' "

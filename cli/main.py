@@ -1,32 +1,29 @@
-"""The `vlsearch` command: index, search, similar, dupes, info, delete, migrate (and, from other modules, more)."""
+"""The `vlsearch` command: index, search, similar, dupes, info, delete, migrate (and, from other modules, more).
+
+A thin shell over core.service: it parses arguments, renders results and turns errors into one line on stderr
+and exit status 1.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import asdict, replace
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cli.render import hit_rows, print_hits, print_table
-from core.container import Container, StoreKind
-from core.settings import Settings
-from indexer.decode import load_image
-from indexer.errors import VlsearchError
-from indexer.pipeline import detach_path, index_images
-from indexer.sources import IMAGE_EXTENSIONS, iter_sources
-from retriever.dupes import near_duplicate_groups
-from retriever.errors import InvalidQuery
-from retriever.query import Query, SearchMode, add_captions, search
-from retriever.store import Filter, Hit, VectorStore, copy_points
+from core.container import Container, StoreKind, build_settings
+from core.service import Filter, HitView, InvalidQuery, Query, SearchMode, Service, VlsearchError
 
 app = typer.Typer(
     name="vlsearch",
@@ -36,6 +33,71 @@ app = typer.Typer(
     add_completion=False,
 )
 err = Console(stderr=True)
+
+# Libraries that log to stderr on their own (retries, offline fallbacks, load reports): quiet unless --verbose.
+# open_clip logs on the root logger, whose first message would otherwise install a stderr handler.
+NOISY_LOGGERS = ("huggingface_hub", "transformers", "urllib3", "httpx", "httpcore", "filelock", "qdrant_client", "PIL")
+
+
+def quiet_libraries(verbose: bool) -> Callable[[], None]:
+    """Configure logging and warnings for one command; returns what puts the previous configuration back."""
+    root = logging.getLogger()
+    saved_root = (root.level, list(root.handlers))
+    saved_levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    caught = warnings.catch_warnings()
+    caught.__enter__()
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    else:
+        root.addHandler(logging.NullHandler())
+        root.setLevel(logging.CRITICAL + 1)
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+        warnings.simplefilter("ignore")
+    restore_bars = _progress_bars(verbose)
+
+    def restore() -> None:
+        restore_bars()
+        caught.__exit__(None, None, None)
+        root.setLevel(saved_root[0])
+        root.handlers[:] = saved_root[1]
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+
+    return restore
+
+
+def _progress_bars(enabled: bool) -> Callable[[], None]:
+    """Turn the hub's and transformers' progress bars (weights loading) off unless enabled; returns the undo."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging  # imported already, with the reranker
+
+    undo: list[Callable[[], None]] = []
+    if not enabled:
+        if transformers_logging.is_progress_bar_enabled():
+            transformers_logging.disable_progress_bar()
+            undo.append(transformers_logging.enable_progress_bar)
+        if not are_progress_bars_disabled():
+            disable_progress_bars()
+            undo.append(enable_progress_bars)
+
+    def restore() -> None:
+        for step in undo:
+            step()
+
+    return restore
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show the log messages of the libraries used (hub, models).")
+    ] = False,
+) -> None:
+    """Image search: index folders, search by text or image."""
+    ctx.call_on_close(quiet_libraries(verbose))
+
 
 CollectionOpt = Annotated[str | None, typer.Option("--collection", "-c", help="Collection name (VLSEARCH_COLLECTION).")]
 ModelOpt = Annotated[
@@ -58,28 +120,34 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def reports_errors(command: F) -> F:
-    """Print a user error on one line and exit 1, instead of a stack trace."""
+    """Print a user error on one line and exit 1, instead of a stack trace (every category: see README)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except VlsearchError as error:
-            err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            message = " ".join(str(error).split())  # one line, whatever the message holds
+            err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def container_for(model: str | None = None, pretrained: str | None = None, **overrides: Any) -> Container:
-    """Settings from the environment, with the command line's choices on top."""
+def settings_update(model: str | None = None, pretrained: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The command line's choices, to go on top of the environment's settings."""
     update = {key: value for key, value in overrides.items() if value is not None}
     if model is not None:
         update["clip_model"] = model
         update["clip_pretrained"] = pretrained
     elif pretrained is not None:
         update["clip_pretrained"] = pretrained
-    return Container(Settings().model_copy(update=update))
+    return update
+
+
+def service_for(model: str | None = None, pretrained: str | None = None, **overrides: Any) -> Service:
+    """A service on the environment's settings with the command line's on top (InvalidSetting names a bad one)."""
+    return Service(build_settings(**settings_update(model, pretrained, **overrides)))
 
 
 def emit_json(data: Any) -> None:
@@ -99,49 +167,37 @@ def index(
     as_json: JsonOpt = False,
 ) -> None:
     """Index images: new ones are embedded, known ones skipped, duplicates recorded as extra paths."""
-    container = container_for(model, pretrained, index_type=index_type)
-    settings = container.settings
-    missing = [str(p) for p in paths if not p.exists() and not p.is_symlink()]
-    if missing:
-        raise VlsearchError(f"no such file or folder: {', '.join(missing)}")
-    files = list(iter_sources(paths))
-    encoder = container.encoder()
-    store = container.create_or_open_store(collection, encoder)
-    with Progress(
-        TextColumn("indexing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        console=err,
-        disable=as_json or not err.is_terminal,
-    ) as progress:
-        task = progress.add_task("index", total=len(files), rate="")
+    with (
+        service_for(model, pretrained, index_type=index_type, batch_size=batch_size, decode_workers=workers) as service,
+        Progress(
+            TextColumn("indexing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=as_json or not err.is_terminal,
+        ) as progress,
+    ):
+        task = progress.add_task("index", total=None, rate="")
 
         def advance() -> None:
             progress.advance(task)
             speed = progress.tasks[0].speed
             progress.update(task, rate=f"{speed:.1f} img/s" if speed else "")
 
-        report = index_images(
-            files,
-            encoder,
-            store,
-            batch_size=batch_size or settings.batch_size,
-            workers=workers or settings.decode_workers,
-            limits=container.decode_limits,
-            on_file=advance,
+        result = service.index(
+            paths, collection, on_total=lambda total: progress.update(task, total=total), on_file=advance
         )
-    total = store.count()
-    store.close()
+    report = result.report
     if as_json:
-        emit_json({**report.to_dict(), "collection": store.name, "count": total})
+        emit_json(result.to_dict())
         return
     rate = report.files / report.seconds if report.seconds else 0.0
     print(
         f"{report.files} files in {report.seconds:.1f}s ({rate:.1f}/s): {report.added} added, "
         f"{report.duplicates} duplicates, {report.unchanged} unchanged, {report.removed} removed, "
-        f"{len(report.failed)} failed; collection {store.name!r} holds {total} images"
+        f"{len(report.failed)} failed; collection {result.collection!r} holds {result.count} images"
     )
     for failure in report.failed:
         print(f"  failed: {failure.path}: {failure.error}: {failure.reason}")
@@ -154,34 +210,11 @@ def make_filter(
     return None if flt.is_empty() else flt
 
 
-def _run_query(container: Container, collection: str | None, query: Query, as_json: bool) -> None:
-    store = container.open_store(collection)
-    encoder = container.encoder_for(store)
-    vlm = container.vlm() if query.rerank or query.captions else None
-    hits = search(
-        store,
-        encoder,
-        query,
-        max_k=container.settings.max_k,
-        scorer=vlm,
-        captioner=vlm,
-        load_hit_image=container.hit_image_loader(vlm),
-    )
-    store.close()
+def _print_result(hits: Sequence[HitView], as_json: bool) -> None:
     if as_json:
         emit_json(hit_rows(hits))
     else:
         print_hits(hits)
-
-
-def _image_or_id(value: str, container: Container) -> dict[str, Any]:
-    """An existing file is decoded as the query image; anything else is taken as a stored image id."""
-    path = Path(value)
-    if path.exists():
-        return {"image": load_image(path, container.decode_limits).image}
-    if "/" in value or path.suffix.lower() in IMAGE_EXTENSIONS:
-        raise VlsearchError(f"no such image file: {value}")
-    return {"image_id": value}
 
 
 @app.command(name="search")
@@ -224,36 +257,37 @@ def search_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Search a collection by text, an image, or both; optionally reranked and captioned by the generative model."""
-    container = container_for(model, pretrained, vlm_model=vlm)
-    settings = container.settings
-    if text is None and image is None:
-        raise InvalidQuery("give a query text, --image, or both")
-    bounds = dict(
-        min_width=min_width,
-        max_width=max_width,
-        min_height=min_height,
-        max_height=max_height,
-        min_bytes=min_bytes,
-        max_bytes=max_bytes,
-    )
-    query = Query(
-        text=text,
-        negative=negative,
-        text_weight=text_weight,
-        image_weight=image_weight,
-        negative_weight=negative_weight,
-        k=k,
-        offset=offset,
-        min_score=min_score,
-        filter=make_filter(path_prefix, tag, all_tags, bounds),
-        rerank=rerank,
-        rerank_k=rerank_k if rerank_k is not None else settings.rerank_k,
-        fusion_weight=fusion_weight if fusion_weight is not None else settings.fusion_weight,
-        captions=captions,
-        mode=mode,
-        **(_image_or_id(image, container) if image else {}),
-    )
-    _run_query(container, collection, query, as_json)
+    with service_for(model, pretrained, vlm_model=vlm) as service:
+        settings = service.settings
+        if text is None and image is None:
+            raise InvalidQuery("give a query text, --image, or both")
+        bounds = dict(
+            min_width=min_width,
+            max_width=max_width,
+            min_height=min_height,
+            max_height=max_height,
+            min_bytes=min_bytes,
+            max_bytes=max_bytes,
+        )
+        query = Query(
+            text=text,
+            negative=negative,
+            text_weight=text_weight,
+            image_weight=image_weight,
+            negative_weight=negative_weight,
+            k=k,
+            offset=offset,
+            min_score=min_score,
+            filter=make_filter(path_prefix, tag, all_tags, bounds),
+            rerank=rerank,
+            rerank_k=rerank_k if rerank_k is not None else settings.rerank_k,
+            fusion_weight=fusion_weight if fusion_weight is not None else settings.fusion_weight,
+            captions=captions,
+            mode=mode,
+            **(service.query_image(image).fields() if image else {}),
+        )
+        result = service.search(query, collection)
+    _print_result(result.hits, as_json)
 
 
 @app.command()
@@ -271,15 +305,11 @@ def similar(
     as_json: JsonOpt = False,
 ) -> None:
     """Images that look like this one."""
-    container = container_for(model, pretrained)
-    query = Query(
-        k=k,
-        offset=offset,
-        min_score=min_score,
-        filter=make_filter(path_prefix, tag, None, {}),
-        **_image_or_id(image, container),
-    )
-    _run_query(container, collection, query, as_json)
+    with service_for(model, pretrained) as service:
+        result = service.similar(
+            image, collection, k=k, offset=offset, min_score=min_score, filter=make_filter(path_prefix, tag, None, {})
+        )
+    _print_result(result.hits, as_json)
 
 
 @app.command()
@@ -294,11 +324,9 @@ def dupes(
     as_json: JsonOpt = False,
 ) -> None:
     """Groups of near-duplicate images (and exact duplicates stored under several paths)."""
-    container = container_for(model, pretrained)
-    store = container.open_store(collection)
-    groups = near_duplicate_groups(store, threshold if threshold is not None else container.settings.dupes_threshold)
-    store.close()
-    rows = [[{"id": r.id, "paths": r.payload.get("paths", [])} for r in group] for group in groups]
+    with service_for(model, pretrained) as service:
+        groups = service.duplicates(collection, threshold)
+    rows = [[{"id": member.id, "paths": member.paths} for member in group.members] for group in groups]
     if as_json:
         emit_json(rows)
         return
@@ -320,17 +348,12 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """A collection's manifest and counts (or the list of collections when none exists by that name)."""
-    container = container_for(model, pretrained)
-    name = collection or container.settings.collection
-    if collection is None and name not in container.list_collections():
-        data: dict[str, Any] = {
-            "data_dir": str(container.settings.data_dir),
-            "collections": container.list_collections(),
-        }
-    else:
-        store = container.open_store(name)
-        data = {"collection": store.name, "count": store.count(), "manifest": json.loads(store.manifest.to_json())}
-        store.close()
+    with service_for(model, pretrained) as service:
+        name = collection or service.settings.collection
+        if collection is None and name not in service.list_collections():
+            data = service.overview().to_dict()
+        else:
+            data = service.info(name).to_dict()
     if as_json:
         emit_json(data)
     else:
@@ -350,37 +373,15 @@ def delete(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove images (by id or path) from a collection, or drop the collection with --drop."""
-    container = container_for(model, pretrained)
-    name = collection or container.settings.collection
-    if drop:
-        container.drop_collection(name)
-        result: dict[str, Any] = {"collection": name, "dropped": True}
-    else:
-        if not targets:
-            raise InvalidQuery("give image ids or paths to delete, or --drop for the whole collection")
-        store = container.open_store(name)
-        removed = _delete_targets(store, targets)
-        store.save()
-        result = {"collection": name, "deleted": removed, "count": store.count()}
-        store.close()
+    with service_for(model, pretrained) as service:
+        if drop:
+            result: dict[str, Any] = service.drop(collection).to_dict()
+        else:
+            result = service.delete(targets or [], collection).to_dict()
     if as_json:
         emit_json(result)
     else:
         print_table(result)
-
-
-def _delete_targets(store: VectorStore, targets: list[str]) -> int:
-    """Ids are deleted; a path is detached from its image, which goes once no path is left."""
-    by_path: dict[str, str] = {}
-    wanted = {str(Path(t).resolve()) for t in targets}
-    for record in store.scroll():
-        for path in record.payload.get("paths", []):
-            if path in wanted:
-                by_path[path] = record.id
-    removed = store.delete([t for t in targets if t not in by_path and store.get([t])])
-    for path, image_id in by_path.items():
-        removed += int(detach_path(store, image_id, path))
-    return removed
 
 
 @app.command()
@@ -397,29 +398,24 @@ def migrate(
     Where each store lives comes from the settings (VLSEARCH_DATA_DIR, VLSEARCH_QDRANT_URL or VLSEARCH_QDRANT_PATH).
     Running it again finishes an interrupted copy. An IVF-PQ collection becomes HNSW on Qdrant.
     """
-    if source == target:
-        raise VlsearchError(f"--from and --to are both {source}: nothing to migrate")
-    container = container_for()
-    name = collection or container.settings.collection
-    started = time.perf_counter()
-    origin = container.open_store(name, kind=source)
-    try:
-        index_type = "hnsw" if target == "qdrant" and origin.manifest.index_type == "ivfpq" else None
-        manifest = replace(origin.manifest, store=target, index_type=index_type or origin.manifest.index_type)
-        destination = container.store(name, manifest, target)
-        try:
-            report = copy_points(origin, destination, batch_size)
-        finally:
-            destination.close()
-    finally:
-        origin.close()
-    seconds = time.perf_counter() - started
+    with service_for() as service:
+        result = service.migrate(source, target, collection, batch_size)
     if as_json:
-        emit_json({"collection": name, "from": source, "to": target, **asdict(report), "seconds": round(seconds, 3)})
+        emit_json(
+            {
+                "collection": result.collection,
+                "from": result.source,
+                "to": result.target,
+                "copied": result.copied,
+                "source_count": result.source_count,
+                "target_count": result.target_count,
+                "seconds": result.seconds,
+            }
+        )
         return
     print(
-        f"migrated collection {name!r} from {source} to {target}: {report.copied} images copied in {seconds:.1f}s, "
-        f"counts match ({report.target_count})"
+        f"migrated collection {result.collection!r} from {source} to {target}: {result.copied} images copied in "
+        f"{result.seconds:.1f}s, counts match ({result.target_count})"
     )
 
 
@@ -437,26 +433,8 @@ def caption(
     as_json: JsonOpt = False,
 ) -> None:
     """Caption stored images with the generative model; captions are cached in the payload per model."""
-    container = container_for(model, pretrained, vlm_model=vlm)
-    store = container.open_store(collection)
-    generator = container.vlm()
-    if ids:
-        records = store.get(ids)
-        unknown = sorted(set(ids) - {record.id for record in records})
-        if unknown:
-            raise InvalidQuery(f"no image with id {', '.join(unknown)} in collection {store.name!r}")
-    else:
-        records = list(store.scroll())
-    hits = [Hit(id=r.id, score=0.0, payload=r.payload) for r in records]
-    if refresh:  # forget this model's captions only; other models' stay cached
-        for hit in hits:
-            kept = {k: v for k, v in (hit.payload.get("captions") or {}).items() if k != generator.identity}
-            hit.payload = {**hit.payload, "captions": kept}
-    chunk = max(1, container.settings.vlm_chunk_size) * 4
-    for start in range(0, len(hits), chunk):  # saved as it goes: an interrupted run keeps what it captioned
-        add_captions(store, hits[start : start + chunk], generator, container.hit_image_loader(generator))
-    store.close()
-    rows = [{"id": hit.id, "path": hit.path, "caption": hit.payload["captions"][generator.identity]} for hit in hits]
+    with service_for(model, pretrained, vlm_model=vlm) as service:
+        rows = [row.to_dict() for row in service.caption(ids, collection, refresh=refresh)]
     if as_json:
         emit_json(rows)
     else:
@@ -476,22 +454,12 @@ def ask(
     as_json: JsonOpt = False,
 ) -> None:
     """Ask the generative model a question about one image."""
-    container = container_for(model, pretrained, vlm_model=vlm)
-    source = _image_or_id(image, container)
-    if "image_id" in source:
-        store = container.open_store(collection)
-        records = store.get([source["image_id"]])
-        store.close()
-        if not records:
-            raise InvalidQuery(f"{image} is neither an image file nor an image id in collection {store.name!r}")
-        picture = container.load_hit_image(Hit(id=records[0].id, score=0.0, payload=records[0].payload))
-    else:
-        picture = source["image"]
-    answer = container.vlm().ask(picture, question)
+    with service_for(model, pretrained, vlm_model=vlm) as service:
+        answer = service.ask(image, question, collection)
     if as_json:
-        emit_json({"image": image, "question": question, "answer": answer})
+        emit_json(answer.to_dict())
     else:
-        print(answer)
+        print(answer.answer)
 
 
 @app.command(name="eval")
@@ -515,7 +483,7 @@ def eval_command(
     from cli.evaluate import EvalConfig, format_report, run_evaluation  # the shapes world is only needed here
 
     # The shipped shapes-world models unless the user names others; collections go to a scratch folder.
-    chosen = container_for(model, pretrained, vlm_model=vlm).settings
+    chosen = build_settings(**settings_update(model, pretrained, vlm_model=vlm))
     overrides: dict[str, Any] = {}
     if not {"clip_model", "clip_pretrained"} & chosen.model_fields_set:
         overrides.update(clip_model="shapes-clip", clip_pretrained=None, text_templates=["{}"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -10,22 +12,45 @@ from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
+from core.media import BLOBS_DIR, THUMBNAILS_DIR, BlobStore, ThumbnailCache
 from core.settings import Settings
-from indexer.decode import DecodeLimits, load_image
+from indexer.decode import DecodeLimits, decode_image, load_image, read_image_file
 from indexer.encoder import LOCAL_DIR_PREFIX, ClipEncoder, EncoderSpec
-from indexer.errors import UnreadableFile, VlsearchError
-from models import MODELS_DIR
+from indexer.errors import InvalidSetting, UnreadableFile, VlsearchError
+from models import MODELS_DIR, shipped_models
 from reranker.model import VisionLanguageModel, get_model
 from retriever.errors import CollectionNotFound
 from retriever.faiss_store import FaissStore
 from retriever.store import Hit, Manifest, VectorStore
 
-# Models shipped in models/, addressable by these names from settings and the CLI.
-SHIPPED_CLIP_MODELS = {"shapes-clip": MODELS_DIR / "shapes-clip"}
-SHIPPED_VLM_MODELS = {"shapes-vlm": MODELS_DIR / "shapes-vlm"}
+# Models shipped in models/ (listed in models/shipped.json), addressable by name from settings and the CLI.
+SHIPPED_CLIP_MODELS = shipped_models("clip")
+SHIPPED_VLM_MODELS = shipped_models("vlm")
 CONFIG_DIRS = (MODELS_DIR / "configs",)
 StoreKind = Literal["faiss", "qdrant"]
+ENV_PREFIX = "VLSEARCH_"
+
+
+def build_settings(**update: Any) -> Settings:
+    """Settings from the environment with `update` on top (both validated); InvalidSetting names the variable."""
+    try:
+        return Settings(**update)
+    except ValidationError as error:
+        problems = []
+        for problem in error.errors(include_url=False):
+            name = str(problem["loc"][0]) if problem["loc"] else "?"
+            where = ".".join(str(part) for part in problem["loc"][1:])
+            value = problem.get("input")
+            shown = f"={value!r}" if isinstance(value, str | int | float) and value != "" else ""
+            problems.append(f"{ENV_PREFIX}{name.upper()}{shown}{f' (item {where})' if where else ''}: {problem['msg']}")
+        raise InvalidSetting(f"invalid setting {'; '.join(problems)}") from None
+    except SettingsError as error:  # a value that is not JSON where a list is expected
+        found = re.search(r'field "(\w+)"', str(error))
+        name = f"{ENV_PREFIX}{found.group(1).upper()}" if found else "a VLSEARCH_ variable"
+        raise InvalidSetting(f"invalid setting {name}: not valid JSON (e.g. '[\"{{}}\"]' for a list)") from None
 
 
 def encoder_spec(model: str, pretrained: str | None) -> EncoderSpec:
@@ -77,20 +102,37 @@ class Container:
             chunk_size=self.settings.vlm_chunk_size,
             max_new_tokens=self.settings.vlm_max_new_tokens,
             caption_prompt=self.settings.caption_prompt,
+            image_workers=self.settings.image_workers,
         )
 
+    @property
+    def blobs(self) -> BlobStore:
+        """Where images indexed from bytes are kept (content-addressed, shared by every collection)."""
+        return BlobStore(self.settings.data_dir / BLOBS_DIR)
+
+    @property
+    def thumbnails(self) -> ThumbnailCache:
+        return ThumbnailCache(self.settings.data_dir / THUMBNAILS_DIR)
+
     def load_hit_image(self, hit: Hit, draft_size: int | None = None) -> Image.Image:
-        """The stored image behind a hit, decoded safely from the first of its paths that still exists.
+        """The stored image behind a hit, decoded safely from the first of its paths that still exists, else from
+        its kept bytes (an image indexed from bytes).
 
         draft_size: a JPEG may be decoded scaled down (1/2 to 1/8) as long as both sides stay at least this.
         """
         paths = [Path(p) for p in hit.payload.get("paths", [])]
         existing = next((p for p in paths if p.exists()), None)
-        if existing is None:
+        if existing is not None:
+            return load_image(existing, self.decode_limits, draft_size=draft_size).image
+        blob = self.blobs.find(str(hit.payload["blob"])) if hit.payload.get("blob") else None
+        if blob is None:
+            kept = " or kept bytes" if hit.payload.get("blob") else ""
             raise UnreadableFile(
-                f"image {hit.id}", f"no longer on disk (paths: {', '.join(map(str, paths)) or 'none'})"
+                f"image {hit.id}", f"no longer on disk (paths: {', '.join(map(str, paths)) or 'none'}{kept})"
             )
-        return load_image(existing, self.decode_limits, draft_size=draft_size).image
+        name = str(hit.payload.get("source_name") or f"image {hit.id}")
+        data = read_image_file(blob, self.decode_limits)
+        return decode_image(data, name, self.decode_limits, draft_size=draft_size).image
 
     def hit_image_loader(self, vlm: VisionLanguageModel | None) -> Callable[[Hit], Image.Image]:
         """How search loads hits for the generative model: decoded no larger than it uses (`decode_side`)."""
@@ -117,8 +159,18 @@ class Container:
         """An existing collection of the settings' store (or of `kind`); CollectionNotFound names it otherwise."""
         return self.store(name or self.settings.collection, None, kind or self.settings.store)
 
+    def index_type_chosen(self) -> bool:
+        """Whether the user named an index type (option or environment): only then is a collection converted."""
+        return "index_type" in self.settings.model_fields_set
+
     def create_or_open_store(self, name: str | None, encoder: ClipEncoder) -> VectorStore:
-        """The collection, created for this encoder if new; an existing one built by another encoder is refused."""
+        """The collection, created for this encoder if new; an existing one built by another encoder is refused.
+        An existing collection keeps its index type unless the settings name one."""
+        name = name or self.settings.collection
+        index_type: str = self.settings.index_type
+        if not self.index_type_chosen() and self.settings.store == "faiss":
+            with contextlib.suppress(OSError, ValueError, TypeError):  # new, or unreadable: the store says why
+                index_type = Manifest.from_json((self.collection_dir(name) / "manifest.json").read_text()).index_type
         manifest = Manifest(
             encoder=encoder.name,
             weights=encoder.identity,
@@ -126,9 +178,9 @@ class Container:
             pretrained=encoder.spec.pretrained,
             preprocessing=encoder.preprocessing(),
             store=self.settings.store,
-            index_type=self.settings.index_type,
+            index_type=index_type,
         )
-        store = self.store(name or self.settings.collection, manifest, self.settings.store)
+        store = self.store(name, manifest, self.settings.store)
         store.manifest.check_encoder(encoder.name, encoder.identity, encoder.dim)
         return store
 
@@ -142,7 +194,13 @@ class Container:
                     f"no collection {name!r} in {self.settings.collections_dir} (VLSEARCH_DATA_DIR)"
                 )
             return FaissStore.open(
-                directory, manifest, hnsw_ef_search=self.settings.hnsw_ef_search, ivf_nprobe=self.settings.ivf_nprobe
+                directory,
+                manifest,
+                hnsw_ef_search=self.settings.hnsw_ef_search,
+                ivf_nprobe=self.settings.ivf_nprobe,
+                lock_timeout=self.settings.lock_timeout,
+                payload_cache_max_points=self.settings.payload_cache_max_points,
+                faiss_device=self.settings.faiss_device,
             )
         if kind == "qdrant":
             from retriever.qdrant_store import QdrantStore  # imported when used: qdrant-client adds 1.5 s to startup

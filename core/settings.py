@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         default_factory=lambda: ["a photo of {}.", "a picture of {}.", "an image of {}."],
         description="Prompt ensemble for short text queries; ['{}'] turns it off.",
     )
-    template_max_words: int = 4  # queries of at most this many words get the ensemble
+    template_max_words: int = Field(default=4, ge=0)  # queries of at most this many words get the ensemble
 
     # Generative model (DeepSeek-VL): a hub id, a local directory, or a shipped name ("shapes-vlm").
     vlm_model: str = "deepseek-community/deepseek-vl-1.3b-chat"
@@ -41,11 +41,11 @@ class Settings(BaseSettings):
     vlm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     vlm_device_map: str | None = None  # e.g. "auto" to spread a model larger than one GPU
     vlm_score_method: Literal["vqa", "caption"] | None = None  # None: the model's own preference, else vqa
-    vlm_chunk_size: int = 8  # candidates per forward: bounds peak memory
-    vlm_max_new_tokens: int = 32
+    vlm_chunk_size: int = Field(default=8, ge=1)  # candidates per forward: bounds peak memory
+    vlm_max_new_tokens: int = Field(default=32, ge=1)
     caption_prompt: str | None = None  # None: the model's own (or "Describe the image in one short sentence.")
-    rerank_k: int = 20  # candidates the generative model rescores
-    fusion_weight: float = 1.0  # 1: order by the rerank score alone; 0: by CLIP alone
+    rerank_k: int = Field(default=20, ge=1)  # candidates the generative model rescores
+    fusion_weight: float = Field(default=1.0, ge=0.0, le=1.0)  # 1: order by the rerank score alone; 0: by CLIP alone
     tag_threshold: float = 0.5
 
     # Store. FAISS keeps collections under data_dir/collections; Qdrant on a server (qdrant_url, compose or a
@@ -68,17 +68,17 @@ class Settings(BaseSettings):
     qdrant_path: Path | None = None  # default: data_dir/qdrant
 
     # Indexing.
-    batch_size: int = 32
+    batch_size: int = Field(default=32, ge=1)
     decode_workers: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2)), ge=1)
     # Threads that decode and prepare rerank/caption candidates in one process (each API or worker process has
     # its own pool of this size, so it is not every core per process).
     image_workers: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 2)), ge=1)
-    max_image_bytes: int = 64 * 1024 * 1024
-    max_image_pixels: int = 100_000_000
+    max_image_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=100_000_000, ge=1)
 
     # Queries.
-    max_k: int = 1000
-    dupes_threshold: float = 0.95
+    max_k: int = Field(default=1000, ge=1)
+    dupes_threshold: float = Field(default=0.95, ge=-1.0, le=1.0)
 
     @property
     def collections_dir(self) -> Path:

@@ -74,8 +74,20 @@ def sniff_format(head: bytes) -> str | None:
 
 
 
+CHANGED_WHILE_READ = "changed while it was read"
+
+
 def read_image_file(path: Path, limits: DecodeLimits) -> bytes:
     """Read a regular file of at most limits.max_bytes; the size is checked (fstat) before reading."""
+    return read_image(path, limits)[0]
+
+
+def read_image(path: Path, limits: DecodeLimits) -> tuple[bytes, os.stat_result]:
+    """read_image_file, with the file's status from before the read (size, mtime).
+
+    A file whose size or mtime differs after the read (a writer was rewriting it) is refused as UnreadableFile
+    "changed while it was read": its bytes may mix two versions.
+    """
     # O_NONBLOCK: opening a FIFO for reading must not wait for a writer (it is then refused as not regular).
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -89,12 +101,22 @@ def read_image_file(path: Path, limits: DecodeLimits) -> bytes:
         if info.st_size > limits.max_bytes:
             raise _too_many_bytes(path, info.st_size, limits)
         data = _read_at_most(fd, info.st_size, limits.max_bytes)
+        after = os.fstat(fd)
     except OSError as error:
         raise UnreadableFile(path, _os_reason(error)) from error
     finally:
         os.close(fd)
     if len(data) > limits.max_bytes:
         raise _too_many_bytes(path, len(data), limits)
+    if len(data) != info.st_size or (after.st_size, after.st_mtime_ns) != (info.st_size, info.st_mtime_ns):
+        raise UnreadableFile(path, CHANGED_WHILE_READ)
+    return data, info
+
+
+def check_image_bytes(data: bytes, source: str | Path, limits: DecodeLimits) -> bytes:
+    """Refuse bytes (an upload, a fetched image) over limits.max_bytes before anything else reads them."""
+    if len(data) > limits.max_bytes:
+        raise _too_many_bytes(source, len(data), limits)
     return data
 
 

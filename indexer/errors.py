@@ -20,6 +20,10 @@ class VlsearchError(Exception):
     category: ClassVar[ErrorCategory] = "invalid_input"
 
 
+class InvalidQuery(VlsearchError):
+    """A request that cannot be answered as asked (no text and no image, k out of range, a malformed update...)."""
+
+
 class InvalidSetting(VlsearchError):
     """A setting (environment variable or option) whose value cannot work; the message names the variable."""
 

@@ -1,9 +1,11 @@
-"""Where images come from: a folder (recursive) or a list of paths, yielded in a deterministic order."""
+"""Where images come from: a folder (recursive), a list of paths (yielded in a deterministic order), or bytes
+(an upload, a fetched image) with the name they came under."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 # Files with other extensions in a folder are not images the user meant to index, so they are skipped
@@ -28,3 +30,18 @@ def iter_sources(paths: Iterable[Path]) -> Iterator[Path]:
             yield from iter_folder(path)
         else:
             yield path
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image given as bytes rather than a file: `name` is the name it came under (an upload's file name, a URL),
+    recorded as the payload's `source_name`; the pipeline keeps the bytes content-addressed (payload `blob`)."""
+
+    name: str
+    data: bytes
+
+    def __repr__(self) -> str:  # not the bytes
+        return f"ImageBytes(name={self.name!r}, {len(self.data)} bytes)"
+
+
+ImageSource = Path | ImageBytes

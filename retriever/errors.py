@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from indexer.errors import ErrorCategory, StoreUnavailable, VlsearchError
+from indexer.errors import ErrorCategory, InvalidQuery, StoreUnavailable, VlsearchError
 
 __all__ = [
     "CollectionClosed",
@@ -43,10 +43,6 @@ class EncoderMismatch(VlsearchError):
     """A query or an upsert used an encoder other than the one that built the collection."""
 
     category: ClassVar[ErrorCategory] = "conflict"
-
-
-class InvalidQuery(VlsearchError):
-    """A query that cannot be answered as asked (no text and no image, k out of range, ...)."""
 
 
 class InvalidStoreSettings(VlsearchError):

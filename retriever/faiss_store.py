@@ -1124,15 +1124,18 @@ class FaissStore:
                 self._seq = seqs[1]
 
     @_store_errors
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload]) -> None:
-        """Insert or overwrite points (one SQLite transaction, one index add); vectors are (len(ids), dim)."""
+    def upsert(
+        self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload], merge_existing: bool = False
+    ) -> None:
+        """Insert or overwrite points (one SQLite transaction, one index add); vectors are (len(ids), dim).
+        merge_existing: ids stored already keep their vector and payload, merged with the new (merged_payload)."""
         array = self._check_vectors(vectors)
         if not len(ids) == len(array) == len(payloads):
             raise InvalidQuery(f"upsert got {len(ids)} ids, {len(array)} vectors and {len(payloads)} payloads")
         if not len(ids):
             return
         with self._writing():
-            changes = self._db.upsert(ids, array, payloads)
+            changes = self._db.upsert(ids, array, payloads, merge_existing)
             with self._lock.write():
                 self._apply(changes)
 
@@ -1167,10 +1170,11 @@ class FaissStore:
             return self._db.ids_by_path(paths)
 
     @_store_errors
-    def delete(self, ids: Sequence[str]) -> int:
-        """Delete points; returns how many existed."""
+    def delete(self, ids: Sequence[str], only_if_empty: Sequence[str] = ()) -> int:
+        """Delete points; returns how many were deleted. only_if_empty: only those whose payload fields of these
+        names are missing, null or empty when the delete commits."""
         with self._writing():
-            changes = self._db.delete(ids)
+            changes = self._db.delete(ids, only_if_empty)
             with self._lock.write():
                 self._apply(changes)
             return len(changes.removed_fids)

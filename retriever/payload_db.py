@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from indexer.errors import InvalidQuery
 from retriever.keywords import payload_words
-from retriever.store import Filter, Payload, PayloadUpdate, Record
+from retriever.store import Filter, Payload, PayloadUpdate, Record, merged_payload
 
 SCHEMA_VERSION = 3  # 2: the `texts` full-text index; 3: `point_paths`. Both are built on open for collections
 # made before them, in the one write transaction that an older file needs (`changes` and its triggers likewise, with
@@ -506,26 +507,36 @@ class PayloadDB:
 
     # --- writes -------------------------------------------------------------------------------------------
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload]) -> VectorChanges:
+    def upsert(
+        self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload], merge_existing: bool = False
+    ) -> VectorChanges:
         """Insert or overwrite points in one transaction; a repeated id keeps its last vector and payload.
 
         A point whose vector is byte-identical keeps its fid (only the payload is written), so re-indexing
-        unchanged images leaves the FAISS index alone.
+        unchanged images leaves the FAISS index alone. merge_existing: a stored id keeps its vector, and its
+        payload is merged with the new one (`merged_payload`) in this transaction.
         """
         last = {point_id: i for i, point_id in enumerate(ids)}
         rows = sorted(last.values())
+        payloads = list(payloads)
         texts = {i: encode_payload(payloads[i]) for i in rows}
         blobs = {i: vectors[i].astype(_FLOAT32, copy=False).tobytes() for i in rows}
         with self._transaction() as conn:
             seq_before = self._last_seq(conn)
             existing = {
-                point_id: (fid, blob)
-                for point_id, fid, blob in conn.execute(
-                    "SELECT points.id, points.fid, vectors.vector FROM points JOIN vectors USING (fid) "
+                point_id: (fid, blob, text)
+                for point_id, fid, blob, text in conn.execute(
+                    "SELECT points.id, points.fid, vectors.vector, points.payload FROM points JOIN vectors USING (fid) "
                     "WHERE points.id IN (SELECT value FROM json_each(?))",
                     (_as_json_array([ids[i] for i in rows]),),
                 )
             }
+            if merge_existing:
+                for i in rows:
+                    if ids[i] in existing:
+                        _, blobs[i], stored = existing[ids[i]]  # the stored vector stays: a payload-only write
+                        payloads[i] = merged_payload(json.loads(stored), payloads[i])
+                        texts[i] = encode_payload(payloads[i])
             same = [i for i in rows if ids[i] in existing and existing[ids[i]][1] == blobs[i]]
             same_set = set(same)
             changed = [i for i in rows if i not in same_set]
@@ -565,14 +576,20 @@ class PayloadDB:
             next_fid=first_fid + len(changed),
         )
 
-    def delete(self, ids: Sequence[str]) -> VectorChanges:
-        """Delete the points that exist among ids; their fids come back as removed."""
+    def delete(self, ids: Sequence[str], only_if_empty: Sequence[str] = ()) -> VectorChanges:
+        """Delete the points that exist among ids (with only_if_empty: whose fields of these names are missing,
+        null or empty); their fids come back as removed."""
+        if any(not name.isidentifier() for name in only_if_empty):
+            raise InvalidQuery(f"only_if_empty names payload fields; got {list(only_if_empty)!r}")
+        empty = "".join(
+            f" AND coalesce(json_extract(payload, '$.\"{name}\"'), '') IN ('', '[]', '{{}}')" for name in only_if_empty
+        )
         with self._transaction() as conn:
             seq_before = self._last_seq(conn)
             removed = [
                 fid
                 for (fid,) in conn.execute(
-                    "SELECT fid FROM points WHERE id IN (SELECT value FROM json_each(?))",
+                    f"SELECT fid FROM points WHERE id IN (SELECT value FROM json_each(?)){empty}",
                     (_as_json_array(ids),),
                 )
             ]

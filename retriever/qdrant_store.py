@@ -62,6 +62,7 @@ from retriever.keywords import payload_text, query_terms
 from retriever.payload_db import encode_payload
 from retriever.store import (
     CAPTIONS_FIELD,
+    LIST_FIELDS,
     Filter,
     Hit,
     Manifest,
@@ -70,6 +71,7 @@ from retriever.store import (
     Record,
     check_page,
     checked_query_vector,
+    merged_payload,
 )
 
 try:  # grpcio comes with qdrant-client; its errors are transport errors too when a client prefers gRPC
@@ -484,12 +486,45 @@ class QdrantStore:
         stored: Payload = json.loads(encode_payload(payload))
         return {**stored, ID_FIELD: point_id, TEXT_FIELD: payload_text(payload)}
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload]) -> None:
-        """Insert or overwrite points in batches of batch_size; a repeated id keeps its last vector and payload."""
+    def upsert(
+        self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload], merge_existing: bool = False
+    ) -> None:
+        """Insert or overwrite points in batches of batch_size; a repeated id keeps its last vector and payload.
+
+        merge_existing: ids stored already keep their vector and payload and gain what `merged_payload` adds,
+        through update_payloads. Qdrant has no insert-if-absent: a point another process inserts between this
+        call's look-up and its write is overwritten, with the look-up moments before the write.
+        """
         array = self._check_vectors(vectors)
         if not len(ids) == len(array) == len(payloads):
             raise ValueError(f"upsert got {len(ids)} ids, {len(array)} vectors and {len(payloads)} payloads")
         rows = sorted({point_id: i for i, point_id in enumerate(ids)}.values())
+        if merge_existing:
+            stored_now = {record.id: record.payload for record in self.get([ids[i] for i in rows])}
+            if stored_now:
+                merges = {}
+                for i in rows:
+                    if ids[i] in stored_now:
+                        before = stored_now[ids[i]]
+                        merged = merged_payload(before, payloads[i])
+                        captions_before = before.get(CAPTIONS_FIELD) or {}
+                        merges[ids[i]] = PayloadUpdate(  # only what the merge adds: nothing read is written back
+                            add={name: tuple(merged[name]) for name in LIST_FIELDS if merged.get(name)},
+                            captions={
+                                key: text
+                                for key, text in (merged.get(CAPTIONS_FIELD) or {}).items()
+                                if key not in captions_before
+                            },
+                            set={
+                                key: value
+                                for key, value in merged.items()
+                                if key not in before and key not in LIST_FIELDS and key != CAPTIONS_FIELD
+                            },
+                        )
+                self.update_payloads(merges)
+                rows = [i for i in rows if ids[i] not in stored_now]
+                if not rows:
+                    return
         stored = {i: self._stored_payload(ids[i], payloads[i]) for i in rows}
         with self._using() as client:
             if self._ids_are_hashes and not all(_HEX_ID.fullmatch(ids[i]) for i in rows):
@@ -653,14 +688,29 @@ class QdrantStore:
             )
         return operations
 
-    def delete(self, ids: Sequence[str]) -> int:
-        """Delete points; returns how many existed."""
+    def delete(self, ids: Sequence[str], only_if_empty: Sequence[str] = ()) -> int:
+        """Delete points; returns how many were deleted. only_if_empty: only the points whose fields of these names
+        are missing, null or empty, as a filtered delete (the server checks the condition as it deletes)."""
         uuids = list(dict.fromkeys(point_uuid(point_id) for point_id in ids))
+        empty = [models.IsEmptyCondition(is_empty=models.PayloadField(key=name)) for name in only_if_empty]
         with self._using() as client:
-            existing = [record.id for record in client.retrieve(self.name, ids=uuids, with_payload=False)]
-            if existing:
-                client.delete(self.name, points_selector=models.PointIdsList(points=existing), wait=True)
-        return len(existing)
+            existing = client.retrieve(self.name, ids=uuids, with_payload=list(only_if_empty) or False)
+            doomed = [
+                record.id
+                for record in existing
+                if all(not (record.payload or {}).get(name) for name in only_if_empty)
+            ]
+            if doomed and empty:
+                selector: Any = models.FilterSelector(
+                    filter=models.Filter(must=[models.HasIdCondition(has_id=doomed), *empty])
+                )
+                client.delete(self.name, points_selector=selector, wait=True)
+                # what the filtered delete removed: those of doomed that are gone now
+                left = {record.id for record in client.retrieve(self.name, ids=doomed, with_payload=False)}
+                doomed = [point for point in doomed if point not in left]
+            elif doomed:
+                client.delete(self.name, points_selector=models.PointIdsList(points=doomed), wait=True)
+        return len(doomed)
 
     # --- reads ---------------------------------------------------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -14,7 +13,7 @@ from PIL import Image
 from indexer.encoder import ClipEncoder
 from retriever.errors import InvalidQuery
 from retriever.fusion import reciprocal_rank_fusion
-from retriever.store import Filter, Hit, VectorStore
+from retriever.store import Filter, Hit, PayloadUpdate, VectorStore
 
 _T = TypeVar("_T")
 MAX_RERANK_K = 200  # the generative model scores each candidate: bound the cost of one query
@@ -23,6 +22,7 @@ SEARCH_MODES: tuple[SearchMode, ...] = ("clip", "keyword", "hybrid")
 # Hybrid fuses at least this many hits of each ranking, so a page does not depend on how deep it lies while
 # offset + k stays within it (a deeper page fuses deeper lists).
 HYBRID_DEPTH = 100
+IMAGE_WORKERS = 4  # threads that decode candidates when the caller does not say (settings.image_workers)
 
 
 class Scorer(Protocol):
@@ -121,18 +121,23 @@ def search(
     scorer: Scorer | None = None,
     captioner: Captioner | None = None,
     load_hit_image: ImageLoader | None = None,
+    image_workers: int = IMAGE_WORKERS,
 ) -> list[Hit]:
-    """Hits offset..offset+k of the query's mode, or among its top rerank_k by the scorer (fused if asked)."""
+    """Hits offset..offset+k of the query's mode, or among its top rerank_k by the scorer (fused if asked).
+
+    Captions asked for are cached in the payloads as field updates; nothing here saves the index."""
     validate(query, max_k)
     window = query.offset + query.k
     if query.rerank:
         window = max(query.rerank_k, window)
     hits = ranking(store, encoder, query, window)
     if query.rerank:
-        hits = rerank(query.text or "", hits, _require(scorer), _require(load_hit_image), query.fusion_weight)
+        hits = rerank(
+            query.text or "", hits, _require(scorer), _require(load_hit_image), query.fusion_weight, image_workers
+        )
     hits = hits[query.offset : query.offset + query.k]
     if query.captions:
-        add_captions(store, hits, _require(captioner), _require(load_hit_image))
+        add_captions(store, hits, _require(captioner), _require(load_hit_image), image_workers)
     return hits
 
 
@@ -166,11 +171,18 @@ def _require(component: _T | None) -> _T:
     return component
 
 
-def rerank(text: str, hits: list[Hit], scorer: Scorer, load_hit_image: ImageLoader, fusion_weight: float) -> list[Hit]:
+def rerank(
+    text: str,
+    hits: list[Hit],
+    scorer: Scorer,
+    load_hit_image: ImageLoader,
+    fusion_weight: float,
+    workers: int = IMAGE_WORKERS,
+) -> list[Hit]:
     """Score every hit with the scorer (one batched call) and order by the fused score."""
     if not hits:
         return []
-    rerank_scores = scorer.score(text, load_images(load_hit_image, hits))
+    rerank_scores = scorer.score(text, load_images(load_hit_image, hits, workers))
     fused = fuse_scores([hit.score for hit in hits], rerank_scores, fusion_weight)
     ranked = [
         replace(hit, rerank_score=float(r), final_score=float(f))
@@ -179,12 +191,13 @@ def rerank(text: str, hits: list[Hit], scorer: Scorer, load_hit_image: ImageLoad
     return sorted(ranked, key=lambda hit: (-(hit.final_score or 0.0), hit.id))
 
 
-def load_images(load_hit_image: ImageLoader, hits: list[Hit]) -> list[Image.Image]:
-    """The hits' images in hit order, decoded several at once (decoders release the GIL): reranking 20 photos
-    waits for the slowest decode, not for the sum of them. The first failure is raised, as one by one would."""
-    if len(hits) < 2:
+def load_images(load_hit_image: ImageLoader, hits: list[Hit], workers: int = IMAGE_WORKERS) -> list[Image.Image]:
+    """The hits' images in hit order, decoded by up to `workers` threads at once (decoders release the GIL):
+    reranking 20 photos waits for the slowest decode, not for the sum of them. The first failure is raised, as one
+    by one would. Every API or worker process has its own pool, so `workers` comes from settings, not all cores."""
+    if len(hits) < 2 or workers < 2:
         return [load_hit_image(hit) for hit in hits]
-    with ThreadPoolExecutor(max_workers=min(len(hits), os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(len(hits), workers)) as pool:
         return list(pool.map(load_hit_image, hits))
 
 
@@ -205,13 +218,22 @@ def _zscore(values: Sequence[float]) -> np.ndarray:
     return (array - array.mean()) / spread if spread > 0 else np.zeros_like(array)
 
 
-def add_captions(store: VectorStore, hits: list[Hit], captioner: Captioner, load_hit_image: ImageLoader) -> None:
-    """Fill payload["captions"][model identity] for hits that lack it (one batched call), caching it in the store."""
+def add_captions(
+    store: VectorStore,
+    hits: list[Hit],
+    captioner: Captioner,
+    load_hit_image: ImageLoader,
+    workers: int = IMAGE_WORKERS,
+) -> None:
+    """Fill payload["captions"][model identity] for hits that lack it (one batched call), caching each caption in
+    the store as one field update (other fields, and other models' captions, written meanwhile stay)."""
     key = captioner.identity
     missing = [hit for hit in hits if key not in (hit.payload.get("captions") or {})]
-    if missing:
-        captions = captioner.caption(load_images(load_hit_image, missing))
-        for hit, caption in zip(missing, captions, strict=True):
-            hit.payload = {**hit.payload, "captions": {**(hit.payload.get("captions") or {}), key: caption}}
-            store.set_payload(hit.id, hit.payload)
-        store.save()
+    if not missing:
+        return
+    captions = captioner.caption(load_images(load_hit_image, missing, workers))
+    updates = {hit.id: PayloadUpdate(captions={key: caption}) for hit, caption in zip(missing, captions, strict=True)}
+    stored = store.update_payloads(updates)
+    for hit in missing:
+        # the payload as stored now; an image deleted meanwhile keeps its caption in this answer only
+        hit.payload = stored.get(hit.id) or updates[hit.id].apply(hit.payload)

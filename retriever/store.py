@@ -10,11 +10,28 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from indexer.errors import ErrorCategory, VlsearchError
+from indexer.payloads import CAPTIONS_FIELD, LIST_FIELDS, Payload, PayloadUpdate, merged_payload
 from retriever.errors import EncoderMismatch, InvalidQuery
 
-Payload = dict[str, Any]
-"""An image's metadata. Keys the pipeline writes: `paths` (list[str], every file with these bytes),
-`width`, `height`, `bytes`, `mtime`, `format`; later `tags` (list[str]) and `captions` ({model: text})."""
+# Payload, PayloadUpdate and its field names live beside the errors at the bottom (indexer/payloads.py): the
+# pipeline writes them and the stores apply them. Re-exported here, the store contract's home.
+__all__ = [
+    "CAPTIONS_FIELD",
+    "LIST_FIELDS",
+    "CopyReport",
+    "Filter",
+    "Hit",
+    "Manifest",
+    "MigrationIncomplete",
+    "Payload",
+    "PayloadUpdate",
+    "Record",
+    "VectorStore",
+    "check_page",
+    "checked_query_vector",
+    "copy_points",
+    "merged_payload",
+]
 
 
 @dataclass(frozen=True)
@@ -89,63 +106,6 @@ class Filter:
         return True
 
 
-LIST_FIELDS = ("paths", "tags")  # payload fields that hold a list of distinct strings
-CAPTIONS_FIELD = "captions"  # {model identity: caption}
-
-
-@dataclass(frozen=True)
-class PayloadUpdate:
-    """A change to some fields of one payload, applied by the store in one transaction (never a whole payload
-    read earlier and written back, which would lose what another process wrote meanwhile).
-
-    set:      fields to set to these values (a value of None removes the field)
-    add:      list fields (`paths`, `tags`): values appended when not present yet, in the order given
-    remove:   list fields: values removed where present
-    captions: entries of the `captions` mapping to set ({model identity: caption}); other models' stay
-    Order of application: set, remove, add, captions. An update that changes nothing writes nothing.
-    """
-
-    set: dict[str, Any] = field(default_factory=dict)
-    add: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    remove: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    captions: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in (*self.add, *self.remove):
-            if name not in LIST_FIELDS:
-                raise InvalidQuery(f"payload field {name!r} is not a list field ({', '.join(LIST_FIELDS)})")
-        for name in self.set:
-            if name in (*self.add, *self.remove) or (name == CAPTIONS_FIELD and self.captions):
-                raise InvalidQuery(f"payload field {name!r} is both set and changed in one update")
-
-    def is_empty(self) -> bool:
-        return not (self.set or self.add or self.remove or self.captions)
-
-    def apply(self, payload: Payload) -> Payload:
-        """The reference semantics: the payload after this update (a new dict; `payload` is not changed)."""
-        result = dict(payload)
-        for name, value in self.set.items():
-            if value is None:
-                result.pop(name, None)
-            else:
-                result[name] = value
-        for name, values in self.remove.items():
-            if name in result:
-                gone = set(values)
-                result[name] = [value for value in result[name] if value not in gone]
-        for name, values in self.add.items():
-            current = list(result.get(name) or [])
-            known = set(current)
-            for value in values:
-                if value not in known:
-                    current.append(value)
-                    known.add(value)
-            result[name] = current
-        if self.captions:
-            result[CAPTIONS_FIELD] = {**(result.get(CAPTIONS_FIELD) or {}), **self.captions}
-        return result
-
-
 @dataclass
 class Record:
     """A stored point: id, payload and (when asked for) its vector."""
@@ -207,8 +167,15 @@ class VectorStore(Protocol):
     name: str
     manifest: Manifest
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload]) -> None:
-        """Insert or overwrite points; vectors has shape (len(ids), manifest.dim)."""
+    def upsert(
+        self, ids: Sequence[str], vectors: np.ndarray, payloads: Sequence[Payload], merge_existing: bool = False
+    ) -> None:
+        """Insert or overwrite points; vectors has shape (len(ids), manifest.dim).
+
+        merge_existing: an id stored already (the same image, written meanwhile by another process) keeps its
+        vector and payload and gains what `merged_payload` adds (new paths and tags, missing fields), in the
+        same write as the inserts.
+        """
         ...
 
     def set_payload(self, id: str, payload: Payload) -> None:
@@ -227,8 +194,10 @@ class VectorStore(Protocol):
         """path -> id of the stored image holding it, for the paths that some image holds (an index, no scan)."""
         ...
 
-    def delete(self, ids: Sequence[str]) -> int:
-        """Delete points; returns how many existed."""
+    def delete(self, ids: Sequence[str], only_if_empty: Sequence[str] = ()) -> int:
+        """Delete points; returns how many were deleted. only_if_empty: only the points whose payload fields of
+        these names are missing, null or empty, checked in the same write (a path another process added
+        meanwhile keeps its image)."""
         ...
 
     def get(self, ids: Sequence[str], with_vectors: bool = False) -> list[Record]:

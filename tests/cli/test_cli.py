@@ -109,3 +109,11 @@ def test_console_script_reports_errors_on_one_line_and_exits_non_zero(cli_env: d
     )
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "no such file or folder" in result.stderr
+
+
+def test_reindexing_keeps_the_index_type_unless_one_is_named(cli_env: dict[str, str], image_folder: Path) -> None:
+    run(cli_env, "index", str(image_folder), "--index-type", "hnsw", "--json")
+    run(cli_env, "index", str(image_folder), "--json")
+    assert run(cli_env, "info", "--collection", "default", "--json")["manifest"]["index_type"] == "hnsw"
+    run(cli_env, "index", str(image_folder), "--index-type", "flat", "--json")
+    assert run(cli_env, "info", "--collection", "default", "--json")["manifest"]["index_type"] == "flat"

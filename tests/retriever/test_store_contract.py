@@ -740,3 +740,39 @@ def test_interleaved_updates_through_two_handles_keep_every_change(photos: Vecto
 def test_payload_updates_that_cannot_work_are_refused(fields: dict[str, dict[str, object]]) -> None:
     with pytest.raises(InvalidQuery):
         PayloadUpdate(**fields)  # type: ignore[arg-type]
+
+
+# --- writes that merge with what another process stored meanwhile -----------------------------------------
+
+
+def test_an_upsert_merging_with_an_existing_point_keeps_its_vector_payload_and_gains_the_new_paths(
+    photos: VectorStore,
+) -> None:
+    before = photos.get(["cat-1"], with_vectors=True)[0]
+    other = isotropic(2, CONTRACT_DIM, seed=31)
+    new_payloads = [
+        {"paths": ["/second/cat.jpg", "/photos/cats/1.jpg"], "width": 1, "mtime": 5.0, "captions": {"m2": "new"}},
+        {"paths": ["/fresh.jpg"], "width": 7},
+    ]
+    photos.upsert(["cat-1", "fresh-4"], other, new_payloads, merge_existing=True)
+    merged, fresh = photos.get(["cat-1", "fresh-4"], with_vectors=True)
+    assert merged.vector is not None and before.vector is not None
+    assert np.array_equal(merged.vector, before.vector)  # the stored image keeps its vector
+    expected = PayloadUpdate(
+        add={"paths": ("/second/cat.jpg",)}, set={"mtime": 5.0}, captions={"m2": "new"}
+    ).apply(PHOTOS["cat-1"])
+    assert merged.payload == expected  # its own width, one more path, a missing field, another model's caption
+    assert fresh.payload == new_payloads[1] and fresh.vector is not None and np.allclose(fresh.vector, other[1])
+    assert photos.ids_by_path(["/second/cat.jpg"]) == {"/second/cat.jpg": "cat-1"}
+    assert photos.search(before.vector, k=1)[0].id == "cat-1"
+
+
+def test_a_delete_only_if_empty_spares_points_that_still_hold_a_value(photos: VectorStore) -> None:
+    photos.update_payloads({"bare-3": PayloadUpdate(set={"paths": None})})
+    assert photos.delete(["cat-1", "bare-3", "missing"], only_if_empty=("paths", "blob")) == 1
+    assert [record.id for record in photos.get(["cat-1", "bare-3"])] == ["cat-1"]
+    kept_bytes = PayloadUpdate(set={"blob": "ab/cd"}, remove={"paths": tuple(PHOTOS["dog-2"]["paths"])})
+    photos.update_payloads({"dog-2": kept_bytes})
+    assert photos.delete(["dog-2"], only_if_empty=("paths", "blob")) == 0  # its bytes are kept: it stays
+    assert photos.delete(["dog-2"]) == 1
+    assert photos.count() == 1
