@@ -233,3 +233,26 @@ def test_candidates_are_decoded_by_at_most_image_workers_threads(
         assert threads == {threading.current_thread().name}
     else:
         assert 1 <= len(threads) <= workers and threading.current_thread().name not in threads
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_a_search_with_captions_leaves_the_index_files_untouched(
+    shapes_settings: Settings, scenes_folder: Path, index_type: str
+) -> None:
+    """The search path never writes the index: a caption cached by a search is a payload update in SQLite,
+    and the service's shutdown saves nothing it did not change (index.faiss and index.json keep bytes and mtime)."""
+    settings = shapes_settings.model_copy(update={"index_type": index_type})
+    with Service(settings) as service:
+        service.index([scenes_folder])
+    directory = settings.collections_dir / settings.collection
+    files = [directory / "index.faiss", directory / "index.json"]
+    # as after a writer that crashed before its save: the index file lags SQLite (a reader catches up in memory)
+    meta = json.loads(files[1].read_text())
+    files[1].write_text(json.dumps({**meta, "generation": meta["generation"] - 1}))
+    before = [(path.read_bytes(), path.stat().st_mtime_ns) for path in files]
+    with Service(settings) as service:
+        result = service.search(Query(text="a red circle", k=4, captions=True))
+        assert all(hit.caption for hit in result.hits)
+    assert [(path.read_bytes(), path.stat().st_mtime_ns) for path in files] == before
+    with Service(settings) as service:  # the captions were cached all the same
+        assert all(service.payload(hit.id)["captions"] for hit in result.hits)
