@@ -507,6 +507,10 @@ def eval_command(
         print(format_report(report))
 
 
+# The job commands (worker, submit, jobs, job) live in cli/jobs.py and register themselves on `app`.
+from cli import jobs as _job_commands  # noqa: E402, F401
+
+
 def main() -> None:
     app()
 

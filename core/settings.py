@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=100_000_000, ge=1)
 
+    # Workers (Celery on Redis). Time limits of tasks stay below the visibility timeout: a message of a worker
+    # killed outright comes back to the queue only after it (SIGKILL leaves it unacknowledged).
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    visibility_timeout: float = Field(default=3600.0, gt=0)  # seconds
+    chunk_size: int = Field(default=256, ge=1)  # images per task
+    max_chunk_attempts: int = Field(default=3, ge=1)  # deliveries of a chunk before it is marked failed
+    fetch_allow: list[str] = Field(default_factory=list)  # addresses, networks or hosts the URL fetcher may reach
+
     # Queries.
     max_k: int = Field(default=1000, ge=1)
     dupes_threshold: float = Field(default=0.95, ge=-1.0, le=1.0)

@@ -1,0 +1,108 @@
+"""The job commands of `vlsearch`: worker, submit, jobs, job. Thin shells over workers.api and the Celery app."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from cli.main import CollectionOpt, JsonOpt, app, emit_json, err, reports_errors
+from core.container import build_settings
+from workers.jobs import JobRecord
+
+if TYPE_CHECKING:
+    from workers.api import Jobs
+
+submit = typer.Typer(help="Submit a job to the workers; prints its id.", no_args_is_help=True)
+app.add_typer(submit, name="submit")
+
+
+def _jobs() -> Jobs:
+    from workers.api import Jobs  # imported when used: Celery would add to every other command's start-up
+
+    return Jobs(build_settings())
+
+
+@app.command()
+@reports_errors
+def worker(
+    queues: Annotated[str, typer.Option(help="Queues to take tasks from: embed, vlm or both.")] = "embed,vlm",
+    concurrency: Annotated[int | None, typer.Option(help="Pool processes (default: cores).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+) -> None:
+    """Run a Celery worker (the same as `celery -A workers.app worker`)."""
+    from workers.app import QUEUES
+    from workers.app import app as celery_app
+
+    unknown = [queue for queue in queues.split(",") if queue not in QUEUES]
+    if unknown:
+        raise typer.BadParameter(f"unknown queue {', '.join(unknown)}: use {', '.join(QUEUES)}")
+    arguments = ["worker", f"--queues={queues}", f"--loglevel={loglevel}", "--events"]
+    if concurrency is not None:
+        arguments.append(f"--concurrency={concurrency}")
+    celery_app.worker_main(arguments)
+
+
+@submit.command(name="index")
+@reports_errors
+def submit_index(
+    paths: Annotated[list[Path], typer.Argument(help="Folders (recursive) and image files.")],
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Index folders and files on the workers, in chunks of VLSEARCH_CHUNK_SIZE images."""
+    job = _jobs().submit_index(paths, collection)
+    if as_json:
+        emit_json({"id": job.id, **job.to_dict()})
+    else:
+        print(job.id)
+
+
+def _row(job: JobRecord) -> str:
+    rate = f"{job.rate:.1f}/s" if job.rate else "-"
+    return f"{job.id}  {job.kind:<7} {job.collection:<16} {job.state:<9} {job.done}/{job.total}  {job.failed}  {rate}"
+
+
+@app.command(name="jobs")
+@reports_errors
+def jobs_command(as_json: JsonOpt = False) -> None:
+    """Jobs, newest first: id, kind, collection, state, done/total, failed, rate."""
+    records = _jobs().list()
+    if as_json:
+        emit_json([record.to_dict() for record in records])
+        return
+    print(f"{'id':<32}  {'kind':<7} {'collection':<16} {'state':<9} done/total  failed  rate")
+    for record in records:
+        print(_row(record))
+
+
+@app.command(name="job")
+@reports_errors
+def job_command(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    cancel: Annotated[bool, typer.Option("--cancel", help="Cancel the job.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A job's progress: a live bar until it ends (once with --json); --cancel stops it."""
+    jobs = _jobs()
+    record = jobs.cancel(job_id) if cancel else jobs.get(job_id)
+    if as_json:
+        emit_json(record.to_dict())
+        return
+    if not record.is_final and err.is_terminal:
+        with Progress(TextColumn(record.kind), BarColumn(), MofNCompleteColumn(), console=err) as progress:
+            task = progress.add_task(record.kind, total=record.total)
+            while not record.is_final:
+                progress.update(task, completed=record.done)
+                time.sleep(0.5)
+                record = jobs.get(job_id)
+            progress.update(task, completed=record.done)
+    print(_row(record))
+    for error in record.errors:
+        print(f"  failed: {error.source}: {error.error}: {error.reason}")
+    if record.state == "failed":
+        sys.exit(1)

@@ -1,0 +1,132 @@
+"""An index job end to end: `vlsearch submit index` to real Redis (database 8), a real `vlsearch worker` subprocess
+(a Celery prefork worker, not eager mode), the job followed with `vlsearch job`, the collection checked after."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from core.service import Service
+from core.settings import Settings
+from workers.jobs import JobStore
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REDIS_URL = "redis://127.0.0.1:6379/8"
+VLSEARCH = [str(Path(sys.executable).parent / "vlsearch")]  # the installed console script
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()  # database 8 is these tests' own
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "VLSEARCH_REDIS_URL": REDIS_URL,
+        "VLSEARCH_DATA_DIR": str(tmp_path / "data"),
+        "VLSEARCH_CLIP_MODEL": "shapes-clip",
+        "VLSEARCH_TEXT_TEMPLATES": '["{}"]',
+        "VLSEARCH_DEVICE": "cpu",
+        "VLSEARCH_CHUNK_SIZE": "4",
+        "VLSEARCH_DECODE_WORKERS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.fixture
+def worker(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115  # closed after the worker ends
+    process = subprocess.Popen(
+        [*VLSEARCH, "worker", "--queues", "embed", "--concurrency", "2", "--loglevel", "warning"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    yield process
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    log.close()
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VLSEARCH, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def wait_for_end(env: dict[str, str], job_id: str, tmp_path: Path, seconds: float = 180) -> dict[str, object]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        record = json.loads(cli(env, "job", job_id, "--json").stdout)
+        if record["state"] in ("done", "failed", "cancelled"):
+            return record  # type: ignore[no-any-return]
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not end; worker log:\n{(tmp_path / 'worker.log').read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_an_index_job_over_good_and_corrupt_images_completes_with_exact_counts(
+    env: dict[str, str], worker: subprocess.Popen[bytes], image_folder: Path, tmp_path: Path
+) -> None:
+    (image_folder / "home" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (image_folder / "trip" / "empty.png").write_bytes(b"")
+    submitted = cli(env, "submit", "index", str(image_folder), "--collection", "photos", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)
+    assert (job["kind"], job["total"], job["chunks"]) == ("index", 10, 3)
+    record = wait_for_end(env, job["id"], tmp_path)
+    assert (record["state"], record["done"], record["failed"], record["chunks_done"]) == ("done", 10, 2, 3)
+    failed = {Path(str(error["source"])).name: error["error"] for error in record["errors"]}  # type: ignore[attr-defined]
+    assert failed == {"broken.jpg": "CorruptImage", "empty.png": "UnsupportedImage"}
+    listed = cli(env, "jobs")
+    assert job["id"] in listed.stdout and "done" in listed.stdout
+    settings = Settings(data_dir=Path(env["VLSEARCH_DATA_DIR"]), collection="photos")
+    with Service(settings) as service:
+        assert service.info().count == 8  # every good image once (two pool children wrote the new collection)
+    # the same job again changes nothing: ids are content hashes
+    again = json.loads(cli(env, "submit", "index", str(image_folder), "-c", "photos", "--json").stdout)
+    assert wait_for_end(env, again["id"], tmp_path)["done"] == 10
+    with Service(settings) as service:
+        assert service.info().count == 8
+
+
+def test_a_cancelled_job_ends_its_remaining_chunks_without_work(env: dict[str, str], image_folder: Path) -> None:
+    """No worker runs: the job is cancelled while queued, then a worker-side chunk finds the flag and does nothing
+    (the task body runs in this process: only the flag check is under test here)."""
+    submitted = cli(env, "submit", "index", str(image_folder), "--collection", "photos", "--json")
+    job = json.loads(submitted.stdout)
+    cancelled = cli(env, "job", job["id"], "--cancel", "--json")
+    assert json.loads(cancelled.stdout)["state"] == "cancelled"
+    os.environ.update({key: value for key, value in env.items() if key.startswith("VLSEARCH_")})
+    try:
+        from workers import tasks
+
+        assert tasks.index_chunk.run(job["id"], "c0", "photos", [str(image_folder / "trip" / "img0.png")]) == {
+            "done": 0,
+            "failed": 0,
+        }
+    finally:
+        for key in env:
+            if key.startswith("VLSEARCH_"):
+                os.environ.pop(key, None)
+    assert not (Path(env["VLSEARCH_DATA_DIR"]) / "collections" / "photos").exists()  # nothing was written
+    assert JobStore.from_url(REDIS_URL).get(job["id"]).state == "cancelled"
+
+
+def test_an_unreachable_redis_is_one_line_naming_the_variable(env: dict[str, str], image_folder: Path) -> None:
+    result = cli({**env, "VLSEARCH_REDIS_URL": "redis://127.0.0.1:1/0"}, "submit", "index", str(image_folder))
+    assert result.returncode != 0
+    assert "VLSEARCH_REDIS_URL" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
