@@ -130,3 +130,101 @@ def test_an_unreachable_redis_is_one_line_naming_the_variable(env: dict[str, str
     result = cli({**env, "VLSEARCH_REDIS_URL": "redis://127.0.0.1:1/0"}, "submit", "index", str(image_folder))
     assert result.returncode != 0
     assert "VLSEARCH_REDIS_URL" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def many_images(root: Path, count: int) -> Path:
+    """count distinct small images (40 files in chunks of 4: ten chunks to kill a worker in the middle of)."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (48 + i, 40), (i * 6 % 256, (i * 37) % 256, (i * 91) % 256)).save(root / f"{i:03d}.png")
+    return root
+
+
+def start_worker(env: dict[str, str], log_path: Path, concurrency: int = 1) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*VLSEARCH, "worker", "--queues", "embed", "--concurrency", str(concurrency), "--loglevel", "info"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log_path.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def wait_for_a_chunk_in_progress(job_id: str, seconds: float = 120) -> str:
+    """A chunk that a worker has taken (its attempt is counted) but not finished: killing now kills it mid-work."""
+    client = redis.Redis.from_url(REDIS_URL)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        attempted = {key.decode() for key in client.hkeys(f"vlsearch:job:{job_id}:attempts")}
+        counted = {member.decode() for member in client.smembers(f"vlsearch:job:{job_id}:chunks")}
+        running = sorted(attempted - counted)
+        if running and counted:  # past the first chunk: the collection exists, the models are loaded
+            return running[0]
+        time.sleep(0.002)
+    raise AssertionError("no chunk was seen in progress")
+
+
+def check_collection(env: dict[str, str], expected: int) -> None:
+    settings = Settings(data_dir=Path(env["VLSEARCH_DATA_DIR"]), collection="photos")
+    with Service(settings) as service:
+        store = service.store()
+        records = list(store.scroll())
+        assert len(records) == len({record.id for record in records}) == expected  # each image once
+        assert store.count() == expected
+
+
+@pytest.mark.slow
+def test_a_pool_child_killed_mid_chunk_has_its_chunk_delivered_again_and_the_job_completes(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    folder = many_images(tmp_path / "many", 40)
+    worker = start_worker(env, tmp_path / "worker.log")
+    try:
+        job = json.loads(cli(env, "submit", "index", str(folder), "-c", "photos", "--json").stdout)
+        chunk = wait_for_a_chunk_in_progress(job["id"])
+        killed = children(worker.pid)
+        assert killed, "the worker has no pool child"
+        for child in killed:
+            os.kill(child, signal.SIGKILL)
+        record = wait_for_end(env, job["id"], tmp_path)
+        assert (record["state"], record["done"], record["failed"], record["chunks_done"]) == ("done", 40, 0, 10)
+        attempts = redis.Redis.from_url(REDIS_URL).hget(f"vlsearch:job:{job['id']}:attempts", chunk)
+        assert attempts is not None and int(attempts) >= 2, "the killed chunk was not delivered again"
+        check_collection(env, 40)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+
+@pytest.mark.slow
+def test_a_whole_worker_killed_mid_job_leaves_its_chunk_to_the_next_worker_after_the_visibility_timeout(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**env, "VLSEARCH_VISIBILITY_TIMEOUT": "4"}
+    folder = many_images(tmp_path / "many", 40)
+    first = start_worker(env, tmp_path / "worker.log")
+    job = json.loads(cli(env, "submit", "index", str(folder), "-c", "photos", "--json").stdout)
+    try:
+        wait_for_a_chunk_in_progress(job["id"])
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool: nothing acknowledges the message
+        first.wait()
+    assert json.loads(cli(env, "job", job["id"], "--json").stdout)["state"] == "running"
+    second = start_worker(env, tmp_path / "worker.log")
+    try:
+        record = wait_for_end(env, job["id"], tmp_path)
+        assert (record["state"], record["done"], record["failed"], record["chunks_done"]) == ("done", 40, 0, 10)
+        check_collection(env, 40)
+    finally:
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait()
