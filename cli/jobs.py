@@ -62,6 +62,51 @@ def submit_index(
         print(job.id)
 
 
+@submit.command(name="tag")
+@reports_errors
+def submit_tag(
+    labels: Annotated[
+        Path | None, typer.Option(help="Label vocabulary: one label per line, or JSON with prompt/threshold.")
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="Tag probability at or above which a tag is kept.")] = None,
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Zero-shot tags for the whole collection from its stored vectors (no image decoded again)."""
+    job = _jobs().submit_tag(collection, labels, threshold)
+    emit_json({"id": job.id, **job.to_dict()}) if as_json else print(job.id)
+
+
+@submit.command(name="caption")
+@reports_errors
+def submit_caption(
+    force: Annotated[bool, typer.Option("--force", help="Caption every image, also those with a caption.")] = False,
+    collection: CollectionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Captions from the generative model for the images lacking one (queue vlm)."""
+    job = _jobs().submit_caption(collection, force)
+    emit_json({"id": job.id, **job.to_dict()}) if as_json else print(job.id)
+
+
+@app.command(name="export-tags")
+@reports_errors
+def export_tags_command(
+    format: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")] = None,
+    collection: CollectionOpt = None,
+) -> None:
+    """Every image's id, paths and tags with scores."""
+    from core.service import Service
+
+    with Service(build_settings()) as service:
+        if output is None:
+            service.export_tags(sys.stdout, format, collection)
+        else:
+            with output.open("w", encoding="utf-8", newline="") as file:
+                service.export_tags(file, format, collection)
+
+
 def _row(job: JobRecord) -> str:
     rate = f"{job.rate:.1f}/s" if job.rate else "-"
     return f"{job.id}  {job.kind:<7} {job.collection:<16} {job.state:<9} {job.done}/{job.total}  {job.failed}  {rate}"

@@ -36,6 +36,7 @@ from retriever.dupes import near_duplicate_groups
 from retriever.errors import InvalidQuery, PointNotFound
 from retriever.query import SEARCH_MODES, Query, SearchMode, add_captions, search
 from retriever.store import Filter, Hit, Payload, Record, VectorStore, copy_points
+from retriever.tagging import TagReport, TagScorer, default_vocabulary, export_tags, load_vocabulary, tag_records
 
 __all__ = [
     "SEARCH_MODES",
@@ -242,6 +243,8 @@ class _ProcessState:
     container: Container
     lock: threading.RLock = field(default_factory=threading.RLock)
     stores: dict[tuple[StoreKind, str], VectorStore] = field(default_factory=dict)
+    # tag scorers by (encoder identity, vocabulary file and its mtime, threshold): label embeddings made once
+    scorers: dict[tuple[Any, ...], TagScorer] = field(default_factory=dict)
 
 
 _SERVICES: weakref.WeakSet[Service] = weakref.WeakSet()
@@ -576,6 +579,46 @@ class Service:
         for start in range(0, len(hits), chunk):
             add_captions(store, hits[start : start + chunk], generator, loader, workers=self.settings.image_workers)
         return [CaptionView(hit.id, hit.path, hit.payload["captions"][generator.identity]) for hit in hits]
+
+    def point_ids(self, collection: str | None = None) -> list[str]:
+        """Every stored image id, in id order (what a job splits into chunks)."""
+        return [record.id for record in self.store(collection).scroll()]
+
+    def _scorer(self, store: VectorStore, vocabulary: str | Path | None, threshold: float | None) -> TagScorer:
+        encoder = self.container.encoder_for(store)
+        path = Path(vocabulary) if vocabulary is not None else None
+        key = (encoder.identity, str(path), path.stat().st_mtime_ns if path and path.exists() else None, threshold)
+        state = self._current()
+        with state.lock:
+            scorer = state.scorers.get(key)
+            if scorer is None:
+                labels = load_vocabulary(path) if path is not None else default_vocabulary()
+                scorer = state.scorers[key] = TagScorer(encoder, labels, threshold)
+            return scorer
+
+    def tag(
+        self,
+        ids: Sequence[str],
+        collection: str | None = None,
+        *,
+        vocabulary: str | Path | None = None,
+        threshold: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TagReport:
+        """Zero-shot tags for the stored images of ids, from their stored vectors (no image decoded again), with the
+        collection's encoder and a vocabulary file (default: models/vocabularies/common.txt); written as `tags`."""
+        store = self.store(collection)
+        return tag_records(store, self._scorer(store, vocabulary, threshold), ids, should_stop=should_stop)
+
+    def export_tags(self, output: Any, format: str = "jsonl", collection: str | None = None) -> int:
+        """Every image's id, paths and tags with scores as JSONL or CSV into output; the number of images."""
+        return export_tags(self.store(collection), format, output)
+
+    def uncaptioned(self, ids: Sequence[str], collection: str | None = None) -> list[str]:
+        """Those of ids that hold no caption of the current generative model."""
+        identity = self._vlm().identity
+        records = self.store(collection).get(list(ids))
+        return [record.id for record in records if identity not in (record.payload.get("captions") or {})]
 
     def ask(self, image: ImageInput, question: str, collection: str | None = None) -> Answer:
         """The generative model's answer to a question about one image (a file, a stored id, bytes)."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from core.settings import Settings
 from indexer.errors import InvalidQuery, StoreUnavailable
 from indexer.sources import iter_sources
-from workers.jobs import JobRecord, JobStore
+from retriever.tagging import load_vocabulary
+from workers.app import EMBED_QUEUE, VLM_QUEUE
+from workers.jobs import JobKind, JobRecord, JobStore
 
 
 class Jobs:
@@ -38,6 +41,39 @@ class Jobs:
             self.store.fail(job.id, f"the broker refused its tasks: {error}")
             raise StoreUnavailable(f"Redis is not reachable (VLSEARCH_REDIS_URL): {error}") from error
         return self.store.get(job.id)
+
+    def _submit_over_points(self, kind: JobKind, collection: str | None, options: dict[str, Any]) -> JobRecord:
+        """A job over every stored image of the collection, in chunks of VLSEARCH_CHUNK_SIZE ids."""
+        from core.service import Service
+        from workers.tasks import caption_chunk, tag_chunk
+
+        name = collection or self.settings.collection
+        with Service(self.settings) as service:
+            ids = service.point_ids(name)
+        size = self.settings.chunk_size
+        chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
+        job = self.store.create(kind, name, name, options, total=len(ids), chunks=len(chunks))
+        task, queue = (tag_chunk, EMBED_QUEUE) if kind == "tag" else (caption_chunk, VLM_QUEUE)
+        try:
+            for number, chunk in enumerate(chunks):
+                task.apply_async(args=[job.id, f"c{number}", name, chunk, options], queue=queue)
+        except Exception as error:
+            self.store.fail(job.id, f"the broker refused its tasks: {error}")
+            raise StoreUnavailable(f"Redis is not reachable (VLSEARCH_REDIS_URL): {error}") from error
+        return self.store.get(job.id)
+
+    def submit_tag(
+        self, collection: str | None = None, labels: Path | None = None, threshold: float | None = None
+    ) -> JobRecord:
+        """A tag job: zero-shot tags from the stored vectors against a label file (default vocabulary if none)."""
+        if labels is not None:
+            load_vocabulary(labels)  # a bad file is refused here, not in every chunk
+        options = {"labels": str(labels.resolve()) if labels else None, "threshold": threshold}
+        return self._submit_over_points("tag", collection, options)
+
+    def submit_caption(self, collection: str | None = None, force: bool = False) -> JobRecord:
+        """A caption job: every image lacking a caption of the current generative model (all with force)."""
+        return self._submit_over_points("caption", collection, {"force": force})
 
     def get(self, job_id: str) -> JobRecord:
         return self.store.get(job_id)

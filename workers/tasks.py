@@ -60,3 +60,38 @@ def index_chunk(self: Any, job_id: str, chunk_id: str, collection: str, paths: l
     failures = [FileError(failure.path, failure.error, failure.reason) for failure in result.report.failed]
     job_store().count_chunk(job_id, chunk_id, done=len(paths), failed=len(failures), errors=failures)
     return {"done": len(paths), "failed": len(failures)}
+
+
+@app.task(name="workers.tasks.tag_chunk", bind=True)
+def tag_chunk(
+    self: Any, job_id: str, chunk_id: str, collection: str, ids: list[str], options: dict[str, Any]
+) -> dict[str, int]:
+    """Tag one chunk of stored images from their vectors; checks for cancel between batches."""
+    if not _begin(job_id, chunk_id, len(ids)):
+        return {"done": 0, "failed": 0}
+    report = service().tag(
+        ids,
+        collection,
+        vocabulary=options.get("labels"),
+        threshold=options.get("threshold"),
+        should_stop=lambda: job_store().is_cancelled(job_id),
+    )
+    if report.stopped:
+        return {"done": 0, "failed": 0}
+    errors = [FileError(image_id, "PointNotFound", "deleted before it was tagged") for image_id in report.missing]
+    job_store().count_chunk(job_id, chunk_id, done=len(ids), failed=len(errors), errors=errors)
+    return {"done": len(ids), "failed": len(errors), "tagged": report.tagged}
+
+
+@app.task(name="workers.tasks.caption_chunk", bind=True)
+def caption_chunk(
+    self: Any, job_id: str, chunk_id: str, collection: str, ids: list[str], options: dict[str, Any]
+) -> dict[str, int]:
+    """Caption the images of one chunk that lack a caption of the current generative model (all with force)."""
+    if not _begin(job_id, chunk_id, len(ids)):
+        return {"done": 0, "failed": 0}
+    todo = ids if options.get("force") else service().uncaptioned(ids, collection)
+    if todo:
+        service().caption(todo, collection, refresh=bool(options.get("force")))
+    job_store().count_chunk(job_id, chunk_id, done=len(ids), failed=0)
+    return {"done": len(ids), "failed": 0, "captioned": len(todo)}

@@ -142,9 +142,11 @@ def many_images(root: Path, count: int) -> Path:
     return root
 
 
-def start_worker(env: dict[str, str], log_path: Path, concurrency: int = 1) -> subprocess.Popen[bytes]:
+def start_worker(
+    env: dict[str, str], log_path: Path, concurrency: int = 1, queues: str = "embed"
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [*VLSEARCH, "worker", "--queues", "embed", "--concurrency", str(concurrency), "--loglevel", "info"],
+        [*VLSEARCH, "worker", "--queues", queues, "--concurrency", str(concurrency), "--loglevel", "info"],
         cwd=REPO_ROOT,
         env=env,
         stdout=log_path.open("ab"),
@@ -228,3 +230,53 @@ def test_a_whole_worker_killed_mid_job_leaves_its_chunk_to_the_next_worker_after
     finally:
         os.killpg(second.pid, signal.SIGKILL)
         second.wait()
+
+
+@pytest.mark.slow
+def test_tag_and_caption_jobs_on_the_workers_write_tags_and_only_missing_captions(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    from models.shapes_world import COLOURS, SHAPES, generate_scenes, write_collection
+    from retriever.store import PayloadUpdate
+    from retriever.tagging import read_exported_tags
+
+    env = {**env, "VLSEARCH_VLM_MODEL": "shapes-vlm", "VLSEARCH_VLM_DEVICE": "cpu", "VLSEARCH_VLM_MAX_NEW_TOKENS": "12"}
+    folder = tmp_path / "scenes"
+    write_collection(generate_scenes("test", 10, seed=5), folder, size=64)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES) + "\n")
+    settings = Settings(
+        data_dir=Path(env["VLSEARCH_DATA_DIR"]), collection="photos", clip_model="shapes-clip",
+        clip_pretrained=None, text_templates=["{}"], vlm_model="shapes-vlm", vlm_device="cpu", device="cpu",
+    )
+    with Service(settings) as service:
+        service.index([folder])
+        ids = service.point_ids()
+        identity = service._vlm().identity
+        service.store().update_payloads({ids[0]: PayloadUpdate(captions={identity: "kept as it was"})})
+    worker = start_worker(env, tmp_path / "worker.log", queues="embed,vlm")
+    try:
+        tag = json.loads(cli(env, "submit", "tag", "--labels", str(labels), "-c", "photos", "--json").stdout)
+        caption = json.loads(cli(env, "submit", "caption", "-c", "photos", "--json").stdout)
+        assert (tag["total"], caption["total"]) == (10, 10)
+        for job in (tag, caption):
+            assert wait_for_end(env, job["id"], tmp_path)["state"] == "done"
+        with Service(settings) as service:
+            payloads = {record.id: record.payload for record in service.store().get(ids)}
+        assert sum(bool(payload.get("tags")) for payload in payloads.values()) >= 8
+        assert payloads[ids[0]]["captions"][identity] == "kept as it was"  # it had one: not captioned again
+        assert all(payloads[i]["captions"][identity] for i in ids)
+        again = json.loads(cli(env, "submit", "caption", "-c", "photos", "--json").stdout)
+        assert wait_for_end(env, again["id"], tmp_path)["state"] == "done"
+        with Service(settings) as service:
+            assert {record.id: record.payload for record in service.store().get(ids)} == payloads  # nothing new
+        for format in ("jsonl", "csv"):
+            out = tmp_path / f"tags.{format}"
+            assert cli(env, "export-tags", "--format", format, "--output", str(out), "-c", "photos").returncode == 0
+            exported = read_exported_tags(out.read_text(), format)
+            assert {image.id: sorted(image.tags) for image in exported} == {
+                i: sorted(payloads[i].get("tags", [])) for i in ids
+            }
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
