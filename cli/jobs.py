@@ -33,6 +33,9 @@ def worker(
     queues: Annotated[str, typer.Option(help="Queues to take tasks from: embed, vlm or both.")] = "embed,vlm",
     concurrency: Annotated[int | None, typer.Option(help="Pool processes (default: cores).")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+    include: Annotated[
+        str | None, typer.Option("--include", "-I", help="More modules to import in the worker (Celery's -I).")
+    ] = None,
 ) -> None:
     """Run a Celery worker (the same as `celery -A workers.app worker`)."""
     from workers.app import QUEUES
@@ -44,6 +47,8 @@ def worker(
     arguments = ["worker", f"--queues={queues}", f"--loglevel={loglevel}", "--events"]
     if concurrency is not None:
         arguments.append(f"--concurrency={concurrency}")
+    if include:
+        arguments.append(f"--include={include}")
     celery_app.worker_main(arguments)
 
 

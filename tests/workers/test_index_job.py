@@ -143,10 +143,13 @@ def many_images(root: Path, count: int) -> Path:
 
 
 def start_worker(
-    env: dict[str, str], log_path: Path, concurrency: int = 1, queues: str = "embed"
+    env: dict[str, str], log_path: Path, concurrency: int = 1, queues: str = "embed", slow: bool = False
 ) -> subprocess.Popen[bytes]:
+    """A `vlsearch worker`; slow: its chunks start half a second late (tests/workers/slow_chunks.py), to be killed
+    in the middle of one."""
+    include = ["--include", "tests.workers.slow_chunks"] if slow else []
     return subprocess.Popen(
-        [*VLSEARCH, "worker", "--queues", queues, "--concurrency", str(concurrency), "--loglevel", "info"],
+        [*VLSEARCH, "worker", "--queues", queues, "--concurrency", str(concurrency), "--loglevel", "info", *include],
         cwd=REPO_ROOT,
         env=env,
         stdout=log_path.open("ab"),
@@ -190,7 +193,7 @@ def test_a_pool_child_killed_mid_chunk_has_its_chunk_delivered_again_and_the_job
     env: dict[str, str], tmp_path: Path
 ) -> None:
     folder = many_images(tmp_path / "many", 40)
-    worker = start_worker(env, tmp_path / "worker.log")
+    worker = start_worker(env, tmp_path / "worker.log", slow=True)
     try:
         job = json.loads(cli(env, "submit", "index", str(folder), "-c", "photos", "--json").stdout)
         chunk = wait_for_a_chunk_in_progress(job["id"])
@@ -214,7 +217,7 @@ def test_a_whole_worker_killed_mid_job_leaves_its_chunk_to_the_next_worker_after
 ) -> None:
     env = {**env, "VLSEARCH_VISIBILITY_TIMEOUT": "4"}
     folder = many_images(tmp_path / "many", 40)
-    first = start_worker(env, tmp_path / "worker.log")
+    first = start_worker(env, tmp_path / "worker.log", slow=True)
     job = json.loads(cli(env, "submit", "index", str(folder), "-c", "photos", "--json").stdout)
     try:
         wait_for_a_chunk_in_progress(job["id"])
@@ -222,7 +225,7 @@ def test_a_whole_worker_killed_mid_job_leaves_its_chunk_to_the_next_worker_after
         os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool: nothing acknowledges the message
         first.wait()
     assert json.loads(cli(env, "job", job["id"], "--json").stdout)["state"] == "running"
-    second = start_worker(env, tmp_path / "worker.log")
+    second = start_worker(env, tmp_path / "worker.log", slow=True)
     try:
         record = wait_for_end(env, job["id"], tmp_path)
         assert (record["state"], record["done"], record["failed"], record["chunks_done"]) == ("done", 40, 0, 10)
@@ -277,6 +280,58 @@ def test_tag_and_caption_jobs_on_the_workers_write_tags_and_only_missing_caption
             assert {image.id: sorted(image.tags) for image in exported} == {
                 i: sorted(payloads[i].get("tags", [])) for i in ids
             }
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+
+def test_the_same_chunk_delivered_twice_changes_neither_the_store_nor_the_counts(
+    env: dict[str, str], image_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task body run twice for one chunk, in this process (the redelivery itself is the kill tests' part):
+    the second run rewrites the same points (content-hash ids) and is not counted again."""
+    for key, value in env.items():
+        if key.startswith("VLSEARCH_"):
+            monkeypatch.setenv(key, value)
+    from workers import tasks
+
+    monkeypatch.setattr(tasks, "_SERVICE", None)
+    monkeypatch.setattr(tasks, "_JOBS", None)
+    paths = sorted(str(path) for path in image_folder.rglob("*") if path.is_file())
+    jobs = JobStore.from_url(REDIS_URL)
+    job = jobs.create("index", "photos", str(image_folder), {}, total=len(paths), chunks=1)
+    for _ in range(2):
+        tasks.index_chunk.run(job.id, "c0", "photos", paths)
+    record = jobs.get(job.id)
+    assert (record.state, record.done, record.failed, record.chunks_done) == ("done", 8, 0, 1)
+    store = tasks.service().store("photos")
+    records = list(store.scroll())
+    assert len(records) == 8 and all(len(r.payload["paths"]) == 1 for r in records)  # no path recorded twice
+    tasks.service().close()
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_running_job_and_no_chunk_after_the_flag_writes(env: dict[str, str], tmp_path: Path) -> None:
+    folder = many_images(tmp_path / "many", 40)
+    worker = start_worker(env, tmp_path / "worker.log", slow=True)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        job = json.loads(cli(env, "submit", "index", str(folder), "-c", "photos", "--json").stdout)
+        wait_for_a_chunk_in_progress(job["id"])
+        cancelled = JobStore.from_url(REDIS_URL).cancel(job["id"])  # as `vlsearch job ID --cancel` does
+        assert cancelled.state == "cancelled"
+        attempted_at_cancel = client.hlen(f"vlsearch:job:{job['id']}:attempts")
+        deadline = time.monotonic() + 60
+        while client.llen("embed") and time.monotonic() < deadline:  # the remaining chunks are taken and end
+            time.sleep(0.2)
+        time.sleep(2.0)  # the last one taken has ended
+        attempted = client.hlen(f"vlsearch:job:{job['id']}:attempts")
+        assert attempted <= attempted_at_cancel + 1 < 10  # at most the chunk being taken as the flag was set
+        record = json.loads(cli(env, "job", job["id"], "--json").stdout)
+        assert record["state"] == "cancelled" and record["chunks_done"] <= attempted
+        settings = Settings(data_dir=Path(env["VLSEARCH_DATA_DIR"]), collection="photos")
+        with Service(settings) as service:
+            assert service.info().count <= 4 * attempted  # only chunks begun before the flag wrote
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
