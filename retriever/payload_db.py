@@ -523,11 +523,12 @@ class PayloadDB:
         blobs = {i: vectors[i].astype(_FLOAT32, copy=False).tobytes() for i in rows}
         with self._transaction() as conn:
             seq_before = self._last_seq(conn)
+            payload_column = "points.payload" if merge_existing else "NULL"  # only a merge reads stored payloads
             existing = {
                 point_id: (fid, blob, text)
                 for point_id, fid, blob, text in conn.execute(
-                    "SELECT points.id, points.fid, vectors.vector, points.payload FROM points JOIN vectors USING (fid) "
-                    "WHERE points.id IN (SELECT value FROM json_each(?))",
+                    f"SELECT points.id, points.fid, vectors.vector, {payload_column} "
+                    "FROM points JOIN vectors USING (fid) WHERE points.id IN (SELECT value FROM json_each(?))",
                     (_as_json_array([ids[i] for i in rows]),),
                 )
             }

@@ -23,37 +23,42 @@ class Jobs:
 
     def submit_index(self, paths: Sequence[Path], collection: str | None = None) -> JobRecord:
         """An index job over folders (recursive) and files, in chunks of VLSEARCH_CHUNK_SIZE files."""
+        from workers.tasks import index_chunk  # the app and its tasks load only where jobs are submitted
+
         missing = [str(path) for path in paths if not path.exists()]
         if missing:
             raise InvalidQuery(f"no such file or folder: {', '.join(missing)}")
         files = [str(path) for path in iter_sources(paths)]
-        name = collection or self.settings.collection
-        size = self.settings.chunk_size
-        chunks = [files[start : start + size] for start in range(0, len(files), size)]
         source = ", ".join(str(path) for path in paths)
-        job = self.store.create("index", name, source, {}, total=len(files), chunks=len(chunks))
-        from workers.tasks import index_chunk  # the app and its tasks load only where jobs are submitted
-
-        try:
-            for number, chunk in enumerate(chunks):
-                index_chunk.apply_async(args=[job.id, f"c{number}", name, chunk], queue="embed")
-        except Exception as error:  # the broker refused: the job cannot run
-            self.store.fail(job.id, f"the broker refused its tasks: {error}")
-            raise StoreUnavailable(f"Redis is not reachable (VLSEARCH_REDIS_URL): {error}") from error
-        return self.store.get(job.id)
+        return self._submit("index", collection, source, files, {}, index_chunk, EMBED_QUEUE)
 
     def _submit_over_points(self, kind: JobKind, collection: str | None, options: dict[str, Any]) -> JobRecord:
-        """A job over every stored image of the collection, in chunks of VLSEARCH_CHUNK_SIZE ids."""
+        """A job over every stored image of the collection."""
         from core.service import Service
         from workers.tasks import caption_chunk, tag_chunk
 
         name = collection or self.settings.collection
         with Service(self.settings) as service:
             ids = service.point_ids(name)
-        size = self.settings.chunk_size
-        chunks = [ids[start : start + size] for start in range(0, len(ids), size)]
-        job = self.store.create(kind, name, name, options, total=len(ids), chunks=len(chunks))
         task, queue = (tag_chunk, EMBED_QUEUE) if kind == "tag" else (caption_chunk, VLM_QUEUE)
+        return self._submit(kind, name, name, ids, options, task, queue)
+
+    def _submit(
+        self,
+        kind: JobKind,
+        collection: str | None,
+        source: str,
+        items: list[str],
+        options: dict[str, Any],
+        task: Any,
+        queue: str,
+    ) -> JobRecord:
+        """One job record, then one task per chunk of VLSEARCH_CHUNK_SIZE items; a broker that refuses the tasks
+        fails the job (it could never run) and is reported naming VLSEARCH_REDIS_URL."""
+        name = collection or self.settings.collection
+        size = self.settings.chunk_size
+        chunks = [items[start : start + size] for start in range(0, len(items), size)]
+        job = self.store.create(kind, name, source, options, total=len(items), chunks=len(chunks))
         try:
             for number, chunk in enumerate(chunks):
                 task.apply_async(args=[job.id, f"c{number}", name, chunk, options], queue=queue)

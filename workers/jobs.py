@@ -84,17 +84,19 @@ class JobRecord:
         return data
 
 
-# KEYS: job hash, chunks set, errors list. ARGV: chunk id, done, failed, errors JSON list, max errors, now.
+# KEYS: job hash, chunks set, errors list. ARGV: chunk id, done, failed, errors JSON list, max errors, now, ttl.
 # Counted once per chunk: SADD first, and the counts only when the chunk is new. The last chunk ends the job.
 _COUNT_CHUNK = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('EXPIRE', KEYS[2], ARGV[7])
 redis.call('HINCRBY', KEYS[1], 'done', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'failed', ARGV[3])
 local counted = redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
 local errors = cjson.decode(ARGV[4])
 local room = tonumber(ARGV[5]) - redis.call('LLEN', KEYS[3])
 for i = 1, math.min(#errors, math.max(room, 0)) do redis.call('RPUSH', KEYS[3], errors[i]) end
+if #errors > 0 then redis.call('EXPIRE', KEYS[3], ARGV[7]) end
 local state = redis.call('HGET', KEYS[1], 'state')
 if counted >= tonumber(redis.call('HGET', KEYS[1], 'chunks')) and (state == 'running' or state == 'queued') then
   redis.call('HSET', KEYS[1], 'state', 'done', 'finished', ARGV[6])
@@ -187,11 +189,10 @@ class JobStore:
         call counted it. JobNotFound when the job is gone."""
         keys = [self._key(job_id), self._key(job_id, ":chunks"), self._key(job_id, ":errors")]
         payload = json.dumps([json.dumps(asdict(error)) for error in errors])
-        counted = self._call(self._count, keys=keys, args=[chunk_id, done, failed, payload, MAX_ERRORS, time.time()])
+        arguments = [chunk_id, done, failed, payload, MAX_ERRORS, time.time(), self.ttl]
+        counted = self._call(self._count, keys=keys, args=arguments)
         if counted == -1:
             raise JobNotFound(f"no job {job_id!r}")
-        for key in keys[1:]:
-            self._call(self.client.expire, key, self.ttl)
         return counted == 1
 
     def attempt(self, job_id: str, chunk_id: str) -> int:

@@ -52,7 +52,9 @@ def _begin(job_id: str, chunk_id: str, size: int) -> bool:
 
 
 @app.task(name="workers.tasks.index_chunk", bind=True)
-def index_chunk(self: Any, job_id: str, chunk_id: str, collection: str, paths: list[str]) -> dict[str, int]:
+def index_chunk(
+    self: Any, job_id: str, chunk_id: str, collection: str, paths: list[str], options: dict[str, Any] | None = None
+) -> dict[str, int]:
     """Index one chunk of files into collection; failures are counted per file, the chunk goes on."""
     if not _begin(job_id, chunk_id, len(paths)):
         return {"done": 0, "failed": 0}

@@ -48,6 +48,8 @@ def test_a_job_runs_and_is_done_when_its_last_chunk_is_counted(store: JobStore) 
     assert done.errors == [FileError("/photos/x.jpg", "CorruptImage", "bad")]
     assert done.finished is not None and done.rate is not None and done.rate > 0
     assert done.options == {"recursive": True} and done.to_dict()["rate"] == done.rate
+    for part in (":chunks", ":errors"):  # nothing a job leaves in Redis outlives it
+        assert 0 < store.client.ttl(f"{store.prefix}job:{job.id}{part}") <= store.ttl
 
 
 def test_a_chunk_delivered_twice_is_counted_once(store: JobStore) -> None:
