@@ -148,9 +148,7 @@ def timed(run: Callable[[], list[float]], device: torch.device) -> tuple[float, 
     return seconds, scores, memory.peak_bytes
 
 
-def compare(
-    vlm: VisionLanguageModel, images: list[Image.Image], method: str, label: str, repeats: int
-) -> None:
+def compare(vlm: VisionLanguageModel, images: list[Image.Image], method: str, label: str, repeats: int) -> None:
     """Score `images` batched and one by one on the same model and print the figures side by side.
 
     The two modes alternate `repeats` times and the best time of each is printed (as timeit does): other

@@ -12,6 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from cli.main import CollectionOpt, JsonOpt, app, emit_json, err, reports_errors
 from core.container import build_settings
+from indexer.errors import InvalidQuery
+from indexer.sources import read_listing, read_path_list
 from workers.jobs import JobRecord
 
 if TYPE_CHECKING:
@@ -55,12 +57,29 @@ def worker(
 @submit.command(name="index")
 @reports_errors
 def submit_index(
-    paths: Annotated[list[Path], typer.Argument(help="Folders (recursive) and image files.")],
+    paths: Annotated[list[Path] | None, typer.Argument(help="Folders (recursive) and image files.")] = None,
+    urls: Annotated[
+        Path | None, typer.Option("--urls", help="A file listing image URLs, one per line (fetched safely).")
+    ] = None,
+    path_list: Annotated[
+        Path | None,
+        typer.Option("--paths", help="A file listing image paths, one per line (relative to the file's folder)."),
+    ] = None,
     collection: CollectionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Index folders and files on the workers, in chunks of VLSEARCH_CHUNK_SIZE images."""
-    job = _jobs().submit_index(paths, collection)
+    """Index folders and files, or the images a listing names, on the workers, in chunks of VLSEARCH_CHUNK_SIZE."""
+    if sum(map(bool, (paths, urls, path_list))) != 1:
+        raise InvalidQuery("give folders and files, or --urls FILE, or --paths FILE: one of them")
+    listing = urls or path_list
+    if listing is not None and not read_listing(listing):
+        raise InvalidQuery(f"the listing {listing} names nothing to index")
+    if urls is not None:
+        job = _jobs().submit_index(collection=collection, urls=read_listing(urls), source=str(urls))
+    elif path_list is not None:
+        job = _jobs().submit_index(read_path_list(path_list), collection, source=str(path_list))
+    else:
+        job = _jobs().submit_index(paths or [], collection)
     if as_json:
         emit_json({"id": job.id, **job.to_dict()})
     else:
@@ -74,11 +93,15 @@ def submit_tag(
         Path | None, typer.Option(help="Label vocabulary: one label per line, or JSON with prompt/threshold.")
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="Tag probability at or above which a tag is kept.")] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Keep only the tags the generative model confirms (queue vlm).")
+    ] = False,
     collection: CollectionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Zero-shot tags for the whole collection from its stored vectors (no image decoded again)."""
-    job = _jobs().submit_tag(collection, labels, threshold)
+    """Zero-shot tags for the whole collection from its stored vectors (no image decoded again); --verify rechecks
+    each image's best candidates with the generative model."""
+    job = _jobs().submit_tag(collection, labels, threshold, verify)
     emit_json({"id": job.id, **job.to_dict()}) if as_json else print(job.id)
 
 

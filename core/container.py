@@ -20,6 +20,7 @@ from core.settings import Settings
 from indexer.decode import DecodeLimits, decode_image, load_image, read_image_file
 from indexer.encoder import LOCAL_DIR_PREFIX, ClipEncoder, EncoderSpec
 from indexer.errors import InvalidSetting, UnreadableFile, VlsearchError
+from indexer.fetch import SafeFetcher
 from models import MODELS_DIR, shipped_models
 from reranker.model import VisionLanguageModel, get_model
 from retriever.errors import CollectionNotFound
@@ -104,6 +105,11 @@ class Container:
             caption_prompt=self.settings.caption_prompt,
             image_workers=self.settings.image_workers,
         )
+
+    def fetcher(self) -> SafeFetcher:
+        """The safe URL fetcher: public addresses only, except those VLSEARCH_FETCH_ALLOW names; the decoder's byte
+        limit caps every download."""
+        return SafeFetcher(allow=self.settings.fetch_allow, max_bytes=self.settings.max_image_bytes)
 
     @property
     def blobs(self) -> BlobStore:

@@ -16,6 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -28,15 +29,26 @@ from core.media import Thumbnail, check_thumbnail_side
 from core.settings import Settings
 from indexer.decode import check_image_bytes, decode_image, load_image
 from indexer.errors import InvalidSetting, VlsearchError
-from indexer.pipeline import IndexReport, content_id, index_images
+from indexer.fetch import FetchedImage
+from indexer.pipeline import FileFailure, IndexReport, content_id, index_images
 from indexer.sources import IMAGE_EXTENSIONS, ImageBytes, iter_sources
 from indexer.writer import detach_path
 from reranker.model import VisionLanguageModel
+from reranker.tags import verify_tags
 from retriever.dupes import near_duplicate_groups
-from retriever.errors import InvalidQuery, PointNotFound
+from retriever.errors import CollectionExists, InvalidQuery, PointNotFound
 from retriever.query import SEARCH_MODES, Query, SearchMode, add_captions, search
 from retriever.store import Filter, Hit, Payload, Record, VectorStore, copy_points
-from retriever.tagging import TagReport, TagScorer, default_vocabulary, export_tags, load_vocabulary, tag_records
+from retriever.tagging import (
+    Tag,
+    TagReport,
+    TagScorer,
+    Verifier,
+    default_vocabulary,
+    export_tags,
+    load_vocabulary,
+    tag_records,
+)
 
 __all__ = [
     "SEARCH_MODES",
@@ -397,6 +409,32 @@ class Service:
         present = {record.id for record in store.get(list(dict.fromkeys(ids)))} if ids else set()
         return replace(result, ids=[image_id if image_id in present else None for image_id in ids])
 
+    def fetch(self, url: str) -> FetchedImage:
+        """The bytes at an image URL, through the safe fetcher (FetchRefused before any connection to an address
+        that is not public, unless VLSEARCH_FETCH_ALLOW names it; FetchFailed, ImageTooLarge)."""
+        return self.container.fetcher().fetch(url)
+
+    def index_urls(
+        self, urls: Sequence[str], collection: str | None = None, *, batch_size: int | None = None
+    ) -> IndexResult:
+        """Index images at URLs: each fetched safely, then indexed from its bytes under its URL (`source_name`). A
+        URL refused, unreachable or too large fails alone, listed in the report with its reason."""
+        fetched: list[ImageBytes] = []
+        refused: list[FileFailure] = []
+        fetcher = self.container.fetcher()
+        for url in urls:
+            try:
+                fetched.append(ImageBytes(url, fetcher.fetch(url).data))
+            except VlsearchError as error:
+                refused.append(FileFailure(url, type(error).__name__, str(error)))
+        result = self.index_bytes(fetched, collection, batch_size=batch_size) if fetched else None
+        report = result.report if result is not None else IndexReport()
+        report = replace(report, files=len(urls), failed=[*refused, *report.failed])
+        name = collection or self.settings.collection
+        if result is not None:
+            return replace(result, report=report, ids=None)
+        return IndexResult(name, self.store(name).count() if name in self.list_collections() else 0, report)
+
     def _index(
         self,
         sources: Iterable[Path | ImageBytes],
@@ -523,6 +561,14 @@ class Service:
         self.container.drop_collection(name)
         return DropResult(name)
 
+    def create_collection(self, name: str, model: str | None = None, pretrained: str | None = None) -> CollectionInfo:
+        """A new, empty collection for an encoder (default: the settings'); CollectionExists if the name is taken."""
+        if name in self.list_collections():
+            raise CollectionExists(f"collection {name!r} exists already")
+        encoder = self.container.encoder(model, pretrained) if model else self.container.encoder()
+        self._writable_store(name, encoder)
+        return self.info(name)
+
     def migrate(
         self, source: StoreKind, target: StoreKind, collection: str | None = None, batch_size: int = 1000
     ) -> MigrationResult:
@@ -604,11 +650,41 @@ class Service:
         vocabulary: str | Path | None = None,
         threshold: float | None = None,
         should_stop: Callable[[], bool] | None = None,
+        verify: bool = False,
     ) -> TagReport:
         """Zero-shot tags for the stored images of ids, from their stored vectors (no image decoded again), with the
-        collection's encoder and a vocabulary file (default: models/vocabularies/common.txt); written as `tags`."""
+        collection's encoder and a vocabulary file (default: models/vocabularies/common.txt); written as `tags`.
+        With verify, each image's best candidates are put to the generative model, and only what it confirms is
+        kept (images are decoded for that; one that is gone keeps its payload and is reported unverified)."""
         store = self.store(collection)
-        return tag_records(store, self._scorer(store, vocabulary, threshold), ids, should_stop=should_stop)
+        scorer = self._scorer(store, vocabulary, threshold)
+        verifier = self._tag_verifier() if verify else None
+        return tag_records(store, scorer, ids, should_stop=should_stop, verify=verifier)
+
+    def _tag_verifier(self) -> Verifier:
+        generator = self._vlm()
+        load = self.container.hit_image_loader(generator)
+
+        def loaded(record: Record) -> Image.Image | None:
+            try:
+                return load(Hit(id=record.id, score=0.0, payload=record.payload))
+            except VlsearchError:
+                return None
+
+        def verify(records: Sequence[Record], candidates: list[list[Tag]]) -> list[list[Tag] | None]:
+            workers = max(1, min(len(records), self.settings.image_workers))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                images = list(pool.map(loaded, records))
+            confirmed: list[list[Tag] | None] = []
+            for image, tags in zip(images, candidates, strict=True):
+                if image is None:
+                    confirmed.append(None)
+                    continue
+                kept = set(verify_tags(generator, image, [tag.label for tag in tags]))
+                confirmed.append([tag for tag in tags if tag.label in kept])
+            return confirmed
+
+        return verify
 
     def export_tags(self, output: Any, format: str = "jsonl", collection: str | None = None) -> int:
         """Every image's id, paths and tags with scores as JSONL or CSV into output; the number of images."""

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -87,6 +87,29 @@ class Settings(BaseSettings):
     # Queries.
     max_k: int = Field(default=1000, ge=1)
     dupes_threshold: float = Field(default=0.95, ge=-1.0, le=1.0)
+
+    # The HTTP API (api/). Jobs routes and the Redis checks need VLSEARCH_REDIS_URL set explicitly: an API left on
+    # the default URL serves search without Redis (the demo) and answers the jobs routes with 503.
+    open_read: bool = False  # with no key, read routes answer anyone; never the default (write routes always need one)
+    cors_origins: list[str] = Field(default_factory=list)  # origins allowed cross-site; empty: CORS off
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)  # request bodies: 413 past this, before read whole
+    api_max_k: int = Field(default=100, ge=1)  # results per request
+    api_max_offset: int = Field(default=10_000, ge=0)  # pagination depth
+    api_max_rerank_k: int = Field(default=100, ge=1)  # candidates the generative model rescores per request
+    rate_limit: int = Field(default=0, ge=0)  # requests per key per rate_limit_window seconds; 0: unlimited
+    rate_limit_window: int = Field(default=60, ge=1)  # seconds (60: rate_limit is per minute)
+    metrics_open: bool = True  # /metrics without a key (it names route templates, never collections or ids)
+    api_preload: bool = True  # load the encoder and generative model at start (/readyz waits for them)
+
+    # API keys besides those of data_dir/api_keys.json: a JSON list of {"key" or "sha256", "scopes", "collections",
+    # "name"} (format in core/keys.py). Secret: it may hold plaintext keys, so it never shows in a repr or a log.
+    api_keys: SecretStr | None = None
+
+    @field_validator("clip_pretrained", mode="before")
+    @classmethod
+    def _no_pretrained_weights(cls, value: object) -> object:
+        """VLSEARCH_CLIP_PRETRAINED=none (or empty): the architecture with random weights (speed measurements)."""
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
     @property
     def collections_dir(self) -> Path:

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from indexer.errors import InvalidQuery
+
 # Files with other extensions in a folder are not images the user meant to index, so they are skipped
 # silently; a file WITH one of these extensions that is not an image is reported as a failure.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -30,6 +32,22 @@ def iter_sources(paths: Iterable[Path]) -> Iterator[Path]:
             yield from iter_folder(path)
         else:
             yield path
+
+
+def read_listing(path: Path) -> list[str]:
+    """The entries of a listing file (`--paths FILE`, `--urls FILE`): one per line, blank lines and lines starting
+    with # skipped, surrounding spaces dropped, each entry once in first-seen order."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidQuery(f"cannot read the listing {path}: {error}") from None
+    entries = (line.strip() for line in text.splitlines())
+    return list(dict.fromkeys(entry for entry in entries if entry and not entry.startswith("#")))
+
+
+def read_path_list(path: Path) -> list[Path]:
+    """The files a `--paths` listing names; relative ones are relative to the listing's own folder."""
+    return [Path(os.path.abspath(path.parent / entry)) for entry in read_listing(path)]
 
 
 @dataclass(frozen=True)

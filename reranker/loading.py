@@ -28,7 +28,7 @@ from reranker.errors import UnsupportedModel
 
 MODEL_SETTING = "VLSEARCH_VLM_MODEL"
 PREFERENCES_FILE = (
-    "vlsearch.json"  # optional, next to config.json: {"score_method": ..., "caption_prompt": ...}
+    "vlsearch.json"  # optional, next to config.json: score_method, caption_prompt, tag_prompt, tag_threshold
 )
 
 # model_type in config.json -> (model class, processor class)
@@ -55,6 +55,8 @@ class ModelPreferences:
 
     score_method: str | None = None
     caption_prompt: str | None = None
+    tag_prompt: str | None = None  # how a tag is put to the model when it is verified, e.g. "a {label}"
+    tag_threshold: float | None = None  # the verification cut under the checkpoint's own score_method
 
 
 @dataclass(frozen=True)
@@ -183,12 +185,19 @@ def read_preferences(where: str, local_dir: Path | None, hub_kwargs: dict[str, A
         return ModelPreferences()
     try:
         data = json.loads(path.read_text())
-        return ModelPreferences(
-            score_method=data.get("score_method"), caption_prompt=data.get("caption_prompt")
+        threshold = data.get("tag_threshold")
+        preferences = ModelPreferences(
+            score_method=data.get("score_method"),
+            caption_prompt=data.get("caption_prompt"),
+            tag_prompt=data.get("tag_prompt"),
+            tag_threshold=None if threshold is None else float(threshold),
         )
-    except (ValueError, AttributeError) as error:
+        if preferences.tag_prompt is not None and "{label}" not in preferences.tag_prompt:
+            raise ValueError(f"tag_prompt {preferences.tag_prompt!r} has no {{label}}")
+        return preferences
+    except (ValueError, TypeError, AttributeError) as error:
         raise UnsupportedModel(
-            f"{path}: not a JSON object with score_method / caption_prompt ({error})"
+            f"{path}: not a JSON object with score_method / caption_prompt / tag_prompt / tag_threshold ({error})"
         ) from None
 
 

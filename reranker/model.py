@@ -257,6 +257,18 @@ class VisionLanguageModel:
         )
 
     @property
+    def tag_prompt(self) -> str:
+        """How verify_tags puts a tag to the model: the checkpoint's vlsearch.json, else the tag as it is."""
+        return self.loaded.preferences.tag_prompt or "{label}"
+
+    @property
+    def tag_threshold(self) -> float | None:
+        """The checkpoint's verification cut for its own score method (vlsearch.json); None if it names none."""
+        preferences = self.loaded.preferences
+        own_method = self._requested_score_method in (None, preferences.score_method)
+        return preferences.tag_threshold if own_method else None
+
+    @property
     def vqa_token_ids(self) -> tuple[list[int], list[int]]:
         """The (yes, no) token ids the vqa score sums: those variants of Yes / No that are one token."""
         self.load()

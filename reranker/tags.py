@@ -18,6 +18,12 @@ class TextScorer(Protocol):
     @property
     def score_method(self) -> str: ...
 
+    @property
+    def tag_prompt(self) -> str: ...
+
+    @property
+    def tag_threshold(self) -> float | None: ...
+
     def score_texts(
         self, image: Image.Image, texts: Sequence[str], method: str | None = None
     ) -> list[float]: ...
@@ -29,17 +35,22 @@ def verify_tags(
     tags: Sequence[str],
     threshold: float | Mapping[str, float] | None = None,
     method: str | None = None,
+    prompt: str | None = None,
 ) -> list[str]:
     """The tags (in input order, once each) whose score for `image` reaches their threshold.
 
-    `threshold` is one value or one per tag; tags without their own get 0.5 under the vqa method (P("Yes")).
-    The caption method's log-likelihoods have no natural cut, so it needs explicit thresholds for every tag.
+    Each tag is scored as `prompt` with `{label}` replaced (default: the model's tag_prompt, from its checkpoint's
+    vlsearch.json, else the tag itself). `threshold` is one value or one per tag; tags without their own get the
+    checkpoint's tag_threshold under its own score method, else 0.5 under the vqa method (P("Yes")). The caption
+    method's log-likelihoods have no natural cut, so it needs a threshold from the checkpoint or the caller.
     """
     unique = list(dict.fromkeys(tags))
     if not unique:
         return []
     chosen = method or model.score_method
-    default = DEFAULT_VQA_THRESHOLD if chosen == VQA else None
+    default = model.tag_threshold if chosen == model.score_method else None
+    if default is None and chosen == VQA:
+        default = DEFAULT_VQA_THRESHOLD
     limits: dict[str, float | None] = {}
     for tag in unique:
         if isinstance(threshold, Mapping):
@@ -49,5 +60,6 @@ def verify_tags(
     missing = [tag for tag, limit in limits.items() if limit is None]
     if missing:
         raise ValueError(f"score method {chosen!r} has no default threshold; give one for {missing}")
-    scores = model.score_texts(image, unique, method=chosen)
+    template = prompt or model.tag_prompt
+    scores = model.score_texts(image, [template.replace("{label}", tag) for tag in unique], method=chosen)
     return [tag for tag, score in zip(unique, scores, strict=True) if score >= limits[tag]]  # type: ignore[operator]

@@ -21,16 +21,33 @@ class Jobs:
         self.settings = settings
         self.store = JobStore.from_url(settings.redis_url)
 
-    def submit_index(self, paths: Sequence[Path], collection: str | None = None) -> JobRecord:
-        """An index job over folders (recursive) and files, in chunks of VLSEARCH_CHUNK_SIZE files."""
+    def submit_index(
+        self,
+        paths: Sequence[Path] = (),
+        collection: str | None = None,
+        *,
+        urls: Sequence[str] = (),
+        source: str | None = None,
+    ) -> JobRecord:
+        """An index job, in chunks of VLSEARCH_CHUNK_SIZE images: over folders (recursive) and files, or over image
+        URLs, which the workers fetch through the safe fetcher (one refused or unreachable URL fails alone).
+        `source` names where the list came from (a listing file) in the job record."""
         from workers.tasks import index_chunk  # the app and its tasks load only where jobs are submitted
 
+        if bool(paths) == bool(urls):
+            raise InvalidQuery("an index job takes folders and files, or image URLs: one of the two")
+        if urls:
+            items = list(dict.fromkeys(urls))
+            return self._submit(
+                "index", collection, source or f"{len(items)} URLs", items, {"urls": True}, index_chunk, EMBED_QUEUE
+            )
         missing = [str(path) for path in paths if not path.exists()]
-        if missing:
+        if missing and source is None:  # named on the command line: a typo, refused at once
             raise InvalidQuery(f"no such file or folder: {', '.join(missing)}")
-        files = [str(path) for path in iter_sources(paths)]
-        source = ", ".join(str(path) for path in paths)
-        return self._submit("index", collection, source, files, {}, index_chunk, EMBED_QUEUE)
+        files = [str(path) for path in iter_sources(paths)]  # a listing's missing files fail alone in the job
+        return self._submit(
+            "index", collection, source or ", ".join(map(str, paths)), files, {}, index_chunk, EMBED_QUEUE
+        )
 
     def _submit_over_points(self, kind: JobKind, collection: str | None, options: dict[str, Any]) -> JobRecord:
         """A job over every stored image of the collection."""
@@ -40,7 +57,9 @@ class Jobs:
         name = collection or self.settings.collection
         with Service(self.settings) as service:
             ids = service.point_ids(name)
-        task, queue = (tag_chunk, EMBED_QUEUE) if kind == "tag" else (caption_chunk, VLM_QUEUE)
+        # Tags verified by the generative model are chosen on its queue: the chunk there reads the stored vectors too.
+        on_vlm = kind == "caption" or bool(options.get("verify"))
+        task, queue = (tag_chunk if kind == "tag" else caption_chunk), (VLM_QUEUE if on_vlm else EMBED_QUEUE)
         return self._submit(kind, name, name, ids, options, task, queue)
 
     def _submit(
@@ -68,12 +87,19 @@ class Jobs:
         return self.store.get(job.id)
 
     def submit_tag(
-        self, collection: str | None = None, labels: Path | None = None, threshold: float | None = None
+        self,
+        collection: str | None = None,
+        labels: Path | None = None,
+        threshold: float | None = None,
+        verify: bool = False,
     ) -> JobRecord:
-        """A tag job: zero-shot tags from the stored vectors against a label file (default vocabulary if none)."""
+        """A tag job: zero-shot tags from the stored vectors against a label file (default vocabulary if none);
+        with verify, on the vlm queue, each image's best candidates are kept only if the generative model agrees."""
         if labels is not None:
             load_vocabulary(labels)  # a bad file is refused here, not in every chunk
-        options = {"labels": str(labels.resolve()) if labels else None, "threshold": threshold}
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise InvalidQuery(f"tag threshold is a probability in [0, 1], got {threshold}")
+        options = {"labels": str(labels.resolve()) if labels else None, "threshold": threshold, "verify": verify}
         return self._submit_over_points("tag", collection, options)
 
     def submit_caption(self, collection: str | None = None, force: bool = False) -> JobRecord:

@@ -2,12 +2,17 @@
 
 Tasks are acknowledged late and rejected when their pool child dies, so a chunk whose worker was killed is
 delivered again (to another child at once; after VLSEARCH_VISIBILITY_TIMEOUT when the whole worker was killed).
-Models are never loaded here: each pool child loads its own on first use (CUDA does not survive a fork).
+Models are never loaded here: each pool child loads its own on first use (CUDA does not survive a fork), and
+runs torch on its share of the cores (cores / concurrency), so the children of one worker do not fight for them.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from celery import Celery
+from celery.signals import celeryd_after_setup, worker_process_init
 
 from core.container import build_settings
 from core.settings import Settings
@@ -46,3 +51,31 @@ def make_app(settings: Settings) -> Celery:
 
 
 app = make_app(build_settings())
+
+
+_concurrency: int | None = None  # the worker's pool size, read in the parent before it forks its children
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_child(cores: int, concurrency: int | None) -> int:
+    """torch threads for each pool child: the cores shared out among the children, at least one each."""
+    return max(1, cores // max(1, concurrency or cores))
+
+
+@celeryd_after_setup.connect
+def _remember_concurrency(sender: Any, instance: Any, **_: Any) -> None:
+    global _concurrency
+    _concurrency = int(instance.concurrency)
+
+
+@worker_process_init.connect
+def _share_out_cores(**_: Any) -> None:
+    import torch  # imported in the child only; the parent never runs torch (see reranker.model's fork hook)
+
+    torch.set_num_threads(threads_per_child(available_cores(), _concurrency))

@@ -182,9 +182,7 @@ class JobStore:
         """Mark the job running (once, by its first chunk); False when it already was, or ended."""
         return bool(self._call(self._start, keys=[self._key(job_id)], args=[time.time()]))
 
-    def count_chunk(
-        self, job_id: str, chunk_id: str, done: int, failed: int, errors: Sequence[FileError] = ()
-    ) -> bool:
+    def count_chunk(self, job_id: str, chunk_id: str, done: int, failed: int, errors: Sequence[FileError] = ()) -> bool:
         """Add a chunk's result to the job's progress, once per chunk id whatever the deliveries; True when this
         call counted it. JobNotFound when the job is gone."""
         keys = [self._key(job_id), self._key(job_id, ":chunks"), self._key(job_id, ":errors")]

@@ -256,3 +256,30 @@ def test_a_search_with_captions_leaves_the_index_files_untouched(
     assert [(path.read_bytes(), path.stat().st_mtime_ns) for path in files] == before
     with Service(settings) as service:  # the captions were cached all the same
         assert all(service.payload(hit.id)["captions"] for hit in result.hits)
+
+
+def test_verified_tags_are_the_candidates_the_generative_model_confirms(
+    service: Service, indexed: Path, tmp_path: Path
+) -> None:
+    """Tagging with verify keeps, per image, those of shapes-clip's candidates that shapes-vlm confirms (its
+    vlsearch.json's tag_prompt and tag_threshold); an image whose file is gone is reported and left untouched."""
+    from models.shapes_world import COLOURS, SHAPES, read_collection
+
+    labels = tmp_path / "objects.txt"
+    labels.write_text("\n".join(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES) + "\n")
+    scenes = read_collection(indexed)
+    by_path = service.store().ids_by_path([str(path) for path, _ in scenes])
+    gone_path, _ = scenes[0]
+    gone = by_path[str(gone_path)]
+    before = service.store().get([gone])[0].payload
+    gone_path.unlink()
+    ids = service.point_ids()
+    report = service.tag(ids, vocabulary=labels, verify=True)
+    assert report.unverified == [gone] and report.scanned == len(ids)
+    payloads = {record.id: record.payload for record in service.store().get(ids)}
+    assert payloads[gone] == before  # not looked at: not changed
+    objects = {by_path[str(path)]: {f"{o.colour} {o.shape}" for o in scene.objects} for path, scene in scenes}
+    right = sum(set(payloads[i].get("tags", [])) == objects[i] for i in ids if i != gone)
+    assert right >= len(ids) - 3  # exactly its objects, for nearly every image
+    unverified = service.tag(ids, vocabulary=labels)  # CLIP alone: more tags, and different ones
+    assert unverified.label_counts != report.label_counts

@@ -150,6 +150,29 @@ def test_unknown_method_in_vlsearch_json_names_the_file(tiny_dirs: dict[str, Pat
         VisionLanguageModel(str(directory)).load()
 
 
+def test_tag_verification_preferences_come_from_vlsearch_json(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    from reranker.tags import verify_tags
+
+    directory = shutil.copytree(tiny_dirs["plain"], tmp_path / "tagging")
+    preferences = {"score_method": "caption", "tag_prompt": "a {label}", "tag_threshold": -1.5}
+    (directory / "vlsearch.json").write_text(json.dumps(preferences))
+    vlm = VisionLanguageModel(str(directory))
+    assert (vlm.tag_prompt, vlm.tag_threshold) == ("a {label}", -1.5)
+    assert VisionLanguageModel(str(directory), score_method="vqa").tag_threshold is None  # not its own method
+    image = Image.new("RGB", (32, 32), "red")
+    scores = vlm.score_texts(image, ["a red", "a blue"])
+    kept = verify_tags(vlm, image, ["red", "blue"])  # the checkpoint's prompt and cut, no argument needed
+    assert kept == [tag for tag, score in zip(["red", "blue"], scores, strict=True) if score >= -1.5]
+    assert VisionLanguageModel(str(tiny_dirs["plain"])).tag_prompt == "{label}"
+
+
+def test_a_tag_prompt_without_the_label_names_the_file(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    directory = shutil.copytree(tiny_dirs["plain"], tmp_path / "odd-prompt")
+    (directory / "vlsearch.json").write_text('{"tag_prompt": "a thing"}')
+    with pytest.raises(UnsupportedModel, match=r"vlsearch\.json.*label"):
+        VisionLanguageModel(str(directory)).load()
+
+
 def test_unknown_method_argument_is_refused_at_construction() -> None:
     with pytest.raises(UnknownScoreMethod, match="score_method"):
         VisionLanguageModel("/anywhere", score_method="itm")

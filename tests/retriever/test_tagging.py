@@ -49,15 +49,14 @@ from tests.retriever.conftest import CONTRACT_DIM
 OBJECT_LABELS = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
 TEST_SCENES = 1000
 TEST_SEED = 2024
-# The issue asks for precision >= 0.90 and recall >= 0.80 from the CLIP scores alone. Measured on these 1000 test
-# scenes with the validation-fitted calibration: precision 0.56, recall 0.70 (per tag from 0.37 to 0.89). The shipped
-# tiny model cannot get there from its 64-d vectors whatever the cut: its best label is right for 0.71 of these
-# images, and its 3 best labels are needed to recall 0.82 (at precision under 0.5); with the true labels, a
-# nearest-neighbour classifier on validation vectors names test single objects right only 0.70 of the time. These
-# floors guard what it reaches; the issue's figures are kept as an expected failure below.
+# From the CLIP scores alone, measured on these 1000 test scenes with the validation-fitted calibration: precision
+# 0.56, recall 0.70 (per tag from 0.37 to 0.89). The shipped tiny model cannot do better from its 64-d vectors
+# whatever the cut: its best label is right for 0.71 of these images, and its 3 best labels are needed to recall
+# 0.82 (at precision under 0.5). These floors guard what it reaches. The issue's target (precision >= 0.90, recall
+# >= 0.80) is reached with verification by shapes-vlm (`submit tag --verify`): 0.98 / 0.95 on test scenes, in
+# tests/workers/test_index_job.py; the verification's own threshold comes from models/fit_tag_verification.py.
 PRECISION_FLOOR = 0.50
 RECALL_FLOOR = 0.65
-ISSUE_PRECISION, ISSUE_RECALL = 0.90, 0.80
 
 needs_shapes_clip = pytest.mark.skipif(
     not (SHIPPED_CLIP_MODELS["shapes-clip"] / "open_clip_config.json").exists(),
@@ -133,14 +132,6 @@ def test_object_tags_of_test_scenes_reach_the_measured_precision_and_recall(tagg
     assert tagged.report.scanned == TEST_SCENES
     assert precision >= PRECISION_FLOOR
     assert recall >= RECALL_FLOOR
-
-
-@needs_shapes_clip
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the shipped tiny CLIP reaches precision 0.56, recall 0.70 (see the floors)")
-def test_object_tags_reach_the_issues_precision_and_recall(tagged: Tagged) -> None:
-    precision, recall, _ = precision_recall(tagged)
-    assert precision >= ISSUE_PRECISION and recall >= ISSUE_RECALL
 
 
 @needs_shapes_clip

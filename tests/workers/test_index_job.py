@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import redis
@@ -143,13 +147,29 @@ def many_images(root: Path, count: int) -> Path:
 
 
 def start_worker(
-    env: dict[str, str], log_path: Path, concurrency: int = 1, queues: str = "embed", slow: bool = False
+    env: dict[str, str],
+    log_path: Path,
+    concurrency: int = 1,
+    queues: str = "embed",
+    slow: bool = False,
+    include: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """A `vlsearch worker`; slow: its chunks start half a second late (tests/workers/slow_chunks.py), to be killed
-    in the middle of one."""
-    include = ["--include", "tests.workers.slow_chunks"] if slow else []
+    in the middle of one; include: another test module its pool imports."""
+    modules = [name for name in ("tests.workers.slow_chunks" if slow else None, include) if name]
+    include_args = ["--include", ",".join(modules)] if modules else []
     return subprocess.Popen(
-        [*VLSEARCH, "worker", "--queues", queues, "--concurrency", str(concurrency), "--loglevel", "info", *include],
+        [
+            *VLSEARCH,
+            "worker",
+            "--queues",
+            queues,
+            "--concurrency",
+            str(concurrency),
+            "--loglevel",
+            "info",
+            *include_args,
+        ],
         cwd=REPO_ROOT,
         env=env,
         stdout=log_path.open("ab"),
@@ -249,8 +269,14 @@ def test_tag_and_caption_jobs_on_the_workers_write_tags_and_only_missing_caption
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES) + "\n")
     settings = Settings(
-        data_dir=Path(env["VLSEARCH_DATA_DIR"]), collection="photos", clip_model="shapes-clip",
-        clip_pretrained=None, text_templates=["{}"], vlm_model="shapes-vlm", vlm_device="cpu", device="cpu",
+        data_dir=Path(env["VLSEARCH_DATA_DIR"]),
+        collection="photos",
+        clip_model="shapes-clip",
+        clip_pretrained=None,
+        text_templates=["{}"],
+        vlm_model="shapes-vlm",
+        vlm_device="cpu",
+        device="cpu",
     )
     with Service(settings) as service:
         service.index([folder])
@@ -335,3 +361,185 @@ def test_cancel_stops_a_running_job_and_no_chunk_after_the_flag_writes(env: dict
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait()
+
+
+@pytest.mark.slow
+def test_a_chunk_that_kills_its_worker_every_time_is_failed_after_the_maximum_attempts(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A chunk whose pool child dies on every delivery (tests/workers/poison_chunks.py) is given up at its
+    VLSEARCH_MAX_CHUNK_ATTEMPTS + 1st delivery, with the reason; the other chunks are indexed and the job ends."""
+    env = {**env, "VLSEARCH_MAX_CHUNK_ATTEMPTS": "2"}
+    folder = many_images(tmp_path / "many", 8)  # chunks of 4: c0 = 000..003, c1 = 004..007
+    (folder / "004.png").rename(folder / "poison.png")  # sorted last: c1 = 005, 006, 007, poison
+    worker = start_worker(env, tmp_path / "worker.log", include="tests.workers.poison_chunks")
+    try:
+        job = json.loads(cli(env, "submit", "index", str(folder), "-c", "photos", "--json").stdout)
+        record = wait_for_end(env, job["id"], tmp_path)
+        assert (record["state"], record["done"], record["failed"], record["chunks_done"]) == ("done", 8, 4, 2)
+        [error] = record["errors"]  # type: ignore[misc]
+        assert error["error"] == "ChunkFailed" and "VLSEARCH_MAX_CHUNK_ATTEMPTS" in error["reason"]
+        attempts = redis.Redis.from_url(REDIS_URL).hget(f"vlsearch:job:{job['id']}:attempts", "c1")
+        assert attempts is not None and int(attempts) == 3  # two deliveries killed their child, the third gave up
+        check_collection(env, 4)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+
+@pytest.mark.slow
+def test_a_verified_tag_job_with_the_shipped_models_tags_each_image_with_exactly_its_objects(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The issue's figure: shapes-world test scenes, the 24 object labels as a plain label file, `submit tag
+    --verify` (shapes-clip's candidates from the stored vectors, confirmed by shapes-vlm on the vlm queue);
+    precision and recall of the stored tags against the scenes' objects, per tag and overall."""
+    from models.shapes_world import COLOURS, SHAPES, generate_scenes, read_collection, write_collection
+
+    scenes, labels_list = 300, [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    env = {**env, "VLSEARCH_VLM_MODEL": "shapes-vlm", "VLSEARCH_VLM_DEVICE": "cpu", "VLSEARCH_CHUNK_SIZE": "100"}
+    folder = tmp_path / "scenes"
+    write_collection(generate_scenes("test", scenes, seed=2024), folder, size=64)
+    labels = tmp_path / "objects.txt"
+    labels.write_text("\n".join(labels_list) + "\n")
+    settings = Settings(
+        data_dir=Path(env["VLSEARCH_DATA_DIR"]),
+        collection="scenes",
+        clip_model="shapes-clip",
+        clip_pretrained=None,
+        text_templates=["{}"],
+        device="cpu",
+    )
+    with Service(settings) as service:
+        service.index([folder])
+        by_path = service.store().ids_by_path([str(path) for path, _ in read_collection(folder)])
+    truth = {
+        by_path[str(path)]: {f"{o.colour} {o.shape}" for o in scene.objects} for path, scene in read_collection(folder)
+    }
+    worker = start_worker(env, tmp_path / "worker.log", queues="vlm")  # only the vlm queue: verify runs there
+    try:
+        submitted = cli(env, "submit", "tag", "--labels", str(labels), "--verify", "-c", "scenes", "--json")
+        job = json.loads(submitted.stdout)
+        record = wait_for_end(env, job["id"], tmp_path)
+        assert (record["state"], record["done"], record["failed"]) == ("done", scenes, 0)
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    with Service(settings) as service:
+        tags = {record.id: set(record.payload.get("tags", [])) for record in service.store().scroll()}
+    per_label = {label: [0, 0, 0] for label in labels_list}  # true positives, false positives, false negatives
+    for image_id, objects in truth.items():
+        for label in tags[image_id] | objects:
+            per_label[label][0 if label in tags[image_id] & objects else 1 if label in tags[image_id] else 2] += 1
+    tp, fp, fn = (sum(counts[i] for counts in per_label.values()) for i in range(3))
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    print(f"\n{'tag':16s} {'precision':>9s} {'recall':>7s}")
+    for label, (t, f, n) in per_label.items():
+        print(f"{label:16s} {t / max(t + f, 1):9.2f} {t / max(t + n, 1):7.2f}")
+    print(f"{'overall':16s} {precision:9.3f} {recall:7.3f}   ({scenes} test scenes, tp {tp} fp {fp} fn {fn})")
+    assert precision >= 0.90 and recall >= 0.80
+
+
+class _CountingHandler(http.server.SimpleHTTPRequestHandler):
+    requests: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        type(self).requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+
+@pytest.fixture
+def image_server(image_folder: Path) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on 127.0.0.1 serving image_folder (and a corrupt file); the paths it was asked for."""
+    (image_folder / "trip" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    _CountingHandler.requests = []
+    handler = functools.partial(_CountingHandler, directory=str(image_folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _CountingHandler.requests
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.slow
+def test_a_url_listing_is_refused_before_any_connection_unless_that_server_is_allowed(
+    env: dict[str, str], image_server: tuple[str, list[str]], image_folder: Path, tmp_path: Path
+) -> None:
+    base, requests = image_server
+    files = sorted(path.relative_to(image_folder).as_posix() for path in image_folder.rglob("img*"))
+    listing = tmp_path / "urls.txt"
+    urls = [f"{base}/{name}" for name in files] + [f"{base}/trip/broken.jpg", f"{base}/missing.png"]
+    listing.write_text("# photos on a local server\n" + "\n".join(urls) + "\n\n")
+    worker = start_worker(env, tmp_path / "worker.log")  # the guard as it ships: loopback refused
+    try:
+        job = json.loads(cli(env, "submit", "index", "--urls", str(listing), "-c", "photos", "--json").stdout)
+        assert (job["total"], job["source"]) == (10, str(listing))
+        record = wait_for_end(env, job["id"], tmp_path)
+        assert (record["state"], record["done"], record["failed"]) == ("done", 10, 10)
+        assert {error["error"] for error in record["errors"]} == {"FetchRefused"}  # type: ignore[attr-defined]
+        assert requests == []  # refused before any connection
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    allowed = {**env, "VLSEARCH_FETCH_ALLOW": '["127.0.0.1"]'}
+    worker = start_worker(allowed, tmp_path / "worker.log")
+    try:
+        job = json.loads(cli(allowed, "submit", "index", "--urls", str(listing), "-c", "photos", "--json").stdout)
+        record = wait_for_end(allowed, job["id"], tmp_path)
+        assert (record["state"], record["done"], record["failed"]) == ("done", 10, 2)
+        failed = {str(error["source"]).rsplit("/", 1)[1]: error["error"] for error in record["errors"]}  # type: ignore[attr-defined]
+        assert failed == {"broken.jpg": "CorruptImage", "missing.png": "FetchFailed"}
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    settings = Settings(data_dir=Path(env["VLSEARCH_DATA_DIR"]), collection="photos")
+    with Service(settings) as service:
+        records = list(service.store().scroll())
+    assert sorted(record.payload["source_name"] for record in records) == sorted(urls[:8])
+
+
+@pytest.mark.slow
+def test_a_path_listing_indexes_the_files_it_names_and_lists_the_missing_ones(
+    env: dict[str, str], worker: subprocess.Popen[bytes], image_folder: Path, tmp_path: Path
+) -> None:
+    listing = image_folder / "list.txt"
+    listing.write_text(
+        "trip/img1.png\n# a comment\n\nhome/img5.png\n" + f"{image_folder / 'trip' / 'img2.png'}\n"
+        "trip/gone.png\ntrip/img1.png\n"
+    )
+    job = json.loads(cli(env, "submit", "index", "--paths", str(listing), "-c", "photos", "--json").stdout)
+    assert job["total"] == 4  # each path once
+    record = wait_for_end(env, job["id"], tmp_path)
+    assert (record["state"], record["done"], record["failed"]) == ("done", 4, 1)
+    [error] = record["errors"]  # type: ignore[misc]
+    assert (error["source"], error["error"]) == (str(image_folder / "trip" / "gone.png"), "FileNotFound")
+    check_collection(env, 3)
+    both = cli(env, "submit", "index", str(image_folder), "--paths", str(listing))
+    assert both.returncode != 0 and "one of them" in both.stderr
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_each_pool_child_runs_torch_on_its_share_of_the_cores(
+    env: dict[str, str], tmp_path: Path, concurrency: int
+) -> None:
+    from workers.app import available_cores, threads_per_child
+
+    assert threads_per_child(16, 4) == 4 and threads_per_child(2, 4) == 1 and threads_per_child(8, None) == 1
+    folder = tmp_path / "threads"
+    folder.mkdir()
+    env = {**env, "VLSEARCH_TEST_THREADS_DIR": str(folder)}
+    env.pop("OMP_NUM_THREADS")
+    worker = start_worker(env, tmp_path / "worker.log", concurrency, include="tests.workers.report_threads")
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(folder.iterdir())) < concurrency and time.monotonic() < deadline:
+            time.sleep(0.2)
+        reported = [int(path.read_text()) for path in folder.iterdir()]
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert reported == [max(1, available_cores() // concurrency)] * concurrency
