@@ -6,9 +6,10 @@ The same folder of 12 MP photo-like JPEGs (bench/indexing.py's) into a new colle
 (a) in-process, `vlsearch index` (its own timing of the pipeline, without process start or model load);
 (b) one `vlsearch worker` (concurrency 1, the same cores) through `vlsearch submit index` until the job is done
     (the job's started-to-finished time: the worker is warm, as a deployment's is);
-(c) two workers pinned to one core each (taskset) against (a) with both cores.
+(c) two workers pinned to one core each (taskset) against (a) with both cores (chunks of 64, to share out).
 Rounds go a, b, c, a, b, c, …; the ratios are medians over the rounds with their spread. Then the per-chunk
-overhead: a job of one-image chunks on a warm worker, its time per chunk less the in-process time per image.
+overhead: a job of one-image chunks on a warm worker, its time per chunk less that of a one-image index call
+in-process (broker round trip, job bookkeeping, the store's save).
 Needs Redis (database 11 of VLSEARCH_BENCH_REDIS, default redis://127.0.0.1:6379/11, flushed). Random weights
 (VLSEARCH_CLIP_PRETRAINED=none): speed only.
 """
@@ -26,6 +27,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+if not __package__:  # run as a file: its folder comes first on sys.path, and this file would shadow `workers`
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import redis
 from PIL import Image
@@ -98,18 +102,37 @@ class Workers:
 
 
 def job(env: dict[str, str], folder: Path, collection: str) -> dict[str, object]:
-    """Submit an index job and wait for it to end; its record."""
+    """Submit an index job with `vlsearch submit` and wait for it to end; its record. Followed through the Python
+    API (workers.jobs), not by running `vlsearch job` again and again: each such process would take a core."""
+    from workers.jobs import JobStore
+
     submitted = json.loads(run(env, "submit", "index", str(folder), "-c", collection, "--json"))
+    jobs = JobStore.from_url(env["VLSEARCH_REDIS_URL"])
     while True:
-        record: dict[str, object] = json.loads(run(env, "job", str(submitted["id"]), "--json"))
-        if record["state"] in ("done", "failed", "cancelled"):
-            assert record["state"] == "done" and record["failed"] == 0, record
-            return record
-        time.sleep(0.2)
+        record = jobs.get(str(submitted["id"]))
+        if record.is_final:
+            assert record.state == "done" and record.failed == 0, record
+            return record.to_dict()
+        time.sleep(0.5)
 
 
 def job_rate(record: dict[str, object]) -> float:
     return float(record["done"]) / (float(record["finished"]) - float(record["started"]))  # type: ignore[arg-type]
+
+
+def one_image_calls(data_dir: Path, model: str, cores: int, images: list[Path]) -> float:
+    """Seconds per `Service.index` call of one image in this process (what a one-image chunk does, without the
+    broker and the job's bookkeeping), the first call (model load, new collection) not counted."""
+    from core.service import Service
+    from core.settings import Settings
+
+    settings = Settings(data_dir=data_dir, clip_model=model, clip_pretrained=None, device="cpu", decode_workers=cores)
+    with Service(settings) as service:
+        service.index(images[:1], "direct")
+        started = time.perf_counter()
+        for image in images[1:]:
+            service.index([image], "direct")
+        return (time.perf_counter() - started) / (len(images) - 1)
 
 
 def warm(env: dict[str, str], folder: Path) -> None:
@@ -126,7 +149,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--chunk-size", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=256, help="(b): the shipped VLSEARCH_CHUNK_SIZE")
+    parser.add_argument("--shared-chunk-size", type=int, default=64, help="(c): small enough to share out")
     parser.add_argument("--overhead-chunks", type=int, default=100)
     args = parser.parse_args()
 
@@ -150,7 +174,7 @@ def main() -> None:
         log = root / "workers.log"
 
         both = environment(root / "data", args.model, redis_url, args.chunk_size, decode_workers=cores)
-        one_core = environment(root / "data", args.model, redis_url, args.chunk_size, decode_workers=1)
+        one_core = environment(root / "data", args.model, redis_url, args.shared_chunk_size, decode_workers=1)
         a_rates, b_rates, c_rates = [], [], []
         for number in range(args.rounds):
             a_rates.append(in_process(both, folder, f"a{number}"))
@@ -165,9 +189,9 @@ def main() -> None:
                 f"(c) {cores} one-core workers {c_rates[-1]:.2f}"
             )
 
-        # Per-chunk overhead: one-image chunks on a warm worker, against the same images in-process.
+        # Per-chunk overhead: one-image chunks on a warm worker, against the same one-image calls in this process.
         tiny = environment(root / "data", args.model, redis_url, chunk_size=1, decode_workers=cores)
-        in_process_per_image = 1 / in_process(tiny, small, "overhead-a")
+        in_process_per_image = one_image_calls(root / "direct", args.model, cores, sorted(small.iterdir()))
         with Workers(tiny, [None], log):
             warm(tiny, warm_folder)
             record = job(tiny, small, "overhead-b")
@@ -181,7 +205,7 @@ def main() -> None:
     print(
         f"per-chunk overhead: {(per_chunk - in_process_per_image) * 1000:.1f} ms "
         f"({args.overhead_chunks} one-image chunks: {per_chunk * 1000:.1f} ms each on the worker, "
-        f"{in_process_per_image * 1000:.1f} ms per image in-process)"
+        f"{in_process_per_image * 1000:.1f} ms per one-image call in-process)"
     )
 
 

@@ -72,12 +72,14 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def wait_for_end(env: dict[str, str], job_id: str, tmp_path: Path, seconds: float = 180) -> dict[str, object]:
+    """The job's record as `vlsearch job ID --json` prints it, once it has ended. Followed through the Python API
+    meanwhile: a `vlsearch` process every half second would take a core from the worker under test."""
+    jobs = JobStore.from_url(env["VLSEARCH_REDIS_URL"])
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        record = json.loads(cli(env, "job", job_id, "--json").stdout)
-        if record["state"] in ("done", "failed", "cancelled"):
-            return record  # type: ignore[no-any-return]
-        time.sleep(0.5)
+        if jobs.get(job_id).is_final:
+            return json.loads(cli(env, "job", job_id, "--json").stdout)  # type: ignore[no-any-return]
+        time.sleep(0.25)
     raise AssertionError(f"job {job_id} did not end; worker log:\n{(tmp_path / 'worker.log').read_text()[-3000:]}")
 
 
