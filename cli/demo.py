@@ -1,11 +1,24 @@
-"""The offline demo (`make demo`): index a generated shapes-world collection with the shipped model and search it."""
+"""The offline demo (`make demo`): index a generated shapes-world collection with the shipped model, search it, then
+serve the HTTP API over it on 127.0.0.1:8000 (`vlsearch serve`'s code path) with a read key made for the demo.
+
+    .venv/bin/python -m cli.demo [--no-serve] [--host 127.0.0.1] [--port 8000] [--root demo-data] [--scenes 300]
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shlex
 import shutil
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import typer
+
 from core.container import SHIPPED_CLIP_MODELS, SHIPPED_VLM_MODELS
+from core.keys import KeyStore
 from core.service import Query, Service
 from core.settings import Settings
 from models.shapes_world import caption_is_true, generate_scenes, read_collection, true_captions, write_collection
@@ -31,7 +44,47 @@ def demo_settings(root: Path) -> tuple[Settings, bool, bool]:
     return settings, trained, generative
 
 
-def main(root: Path = DEMO_DIR, scenes: int = 300) -> None:
+def server_environment(settings: Settings) -> dict[str, str]:
+    """The demo's settings as the VLSEARCH_ variables that `vlsearch serve` (and the app it runs) reads."""
+    return {
+        "VLSEARCH_DATA_DIR": str(settings.data_dir.resolve()),
+        "VLSEARCH_COLLECTION": settings.collection,
+        "VLSEARCH_CLIP_MODEL": settings.clip_model,
+        "VLSEARCH_CLIP_PRETRAINED": settings.clip_pretrained or "none",
+        "VLSEARCH_TEXT_TEMPLATES": json.dumps(settings.text_templates),
+        "VLSEARCH_VLM_MODEL": settings.vlm_model,
+        "VLSEARCH_VLM_DEVICE": settings.vlm_device,
+    }
+
+
+def curl_line(base_url: str, key: str, collection: str, text: str) -> str:
+    """A `curl` command that runs one text search against the served API."""
+    body = json.dumps({"collection": collection, "text": text, "k": 5})
+    headers = ["-H", f"X-API-Key: {key}", "-H", "Content-Type: application/json"]
+    return shlex.join(["curl", "-s", f"{base_url}/v1/search", *headers, "-d", body])
+
+
+def serve_demo(settings: Settings, host: str, port: int) -> None:
+    """Serve the API over the demo's collection until interrupted, after printing the URL, a read key and a curl."""
+    from cli.serve import serve  # the command's own code path (typer, uvicorn), imported only when serving
+
+    created = KeyStore.from_settings(settings).create("read", name="demo")
+    shown_host = f"[{host}]" if ":" in host else host
+    base_url = f"http://{shown_host}:{port}"
+    print(f"\nserving the API on {base_url} (docs: {base_url}/docs; Ctrl-C stops it)")
+    print(f"read key (made for this demo, in {settings.data_dir}): {created.secret}")
+    print("try:")
+    print(f"  {curl_line(base_url, created.secret, settings.collection, DEMO_QUERIES[0])}")
+    sys.stdout.flush()
+    os.environ.update(server_environment(settings))
+    try:
+        serve(host=host, port=port)
+    except typer.Exit as error:  # serve printed its one-line error already
+        raise SystemExit(error.exit_code) from None
+
+
+def run(root: Path = DEMO_DIR, scenes: int = 300) -> Settings:
+    """Generate (once) and index the demo collection, and print a few searches; returns the demo's settings."""
     settings, trained, generative = demo_settings(root)
     images = root / "scenes"
     if not images.exists():
@@ -73,6 +126,20 @@ def main(root: Path = DEMO_DIR, scenes: int = 300) -> None:
         f"\ntry it yourself: VLSEARCH_DATA_DIR={settings.data_dir} .venv/bin/vlsearch search 'a purple square' "
         f"--collection {settings.collection}{rerank}"
     )
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cli.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-serve", dest="serve", action="store_false", help="End after the searches.")
+    parser.add_argument("--host", default="127.0.0.1", help="Address the API listens on (default 127.0.0.1).")
+    parser.add_argument("--port", type=int, default=8000, help="Port the API listens on (default 8000).")
+    parser.add_argument("--root", type=Path, default=DEMO_DIR, help="The demo's folder (default demo-data).")
+    parser.add_argument("--scenes", type=int, default=300, help="Scenes generated when the folder has none.")
+    args = parser.parse_args(argv)
+    settings = run(args.root, args.scenes)
+    if args.serve:
+        serve_demo(settings, args.host, args.port)
 
 
 if __name__ == "__main__":

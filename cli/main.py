@@ -509,6 +509,8 @@ def eval_command(
 
 # The job commands (worker, submit, jobs, job) live in cli/jobs.py and register themselves on `app`.
 from cli import jobs as _job_commands  # noqa: E402, F401
+from cli import keys as _key_commands  # noqa: E402, F401  (keys create|list|revoke)
+from cli import serve as _serve_command  # noqa: E402, F401  (serve: the HTTP API)
 
 
 def main() -> None:

@@ -106,10 +106,12 @@ class Container:
             image_workers=self.settings.image_workers,
         )
 
-    def fetcher(self) -> SafeFetcher:
+    def fetcher(self, total_timeout: float = 60.0) -> SafeFetcher:
         """The safe URL fetcher: public addresses only, except those VLSEARCH_FETCH_ALLOW names; the decoder's byte
-        limit caps every download."""
-        return SafeFetcher(allow=self.settings.fetch_allow, max_bytes=self.settings.max_image_bytes)
+        limit caps every download; total_timeout bounds one fetch (an API request waits less than a worker)."""
+        return SafeFetcher(
+            allow=self.settings.fetch_allow, max_bytes=self.settings.max_image_bytes, total_timeout=total_timeout
+        )
 
     @property
     def blobs(self) -> BlobStore:

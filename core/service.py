@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from core.container import Container, StoreKind, build_settings
@@ -38,7 +39,7 @@ from reranker.tags import verify_tags
 from retriever.dupes import near_duplicate_groups
 from retriever.errors import CollectionExists, InvalidQuery, PointNotFound
 from retriever.query import SEARCH_MODES, Query, SearchMode, add_captions, search
-from retriever.store import Filter, Hit, Payload, Record, VectorStore, copy_points
+from retriever.store import Filter, Hit, Payload, Record, VectorStore, checked_query_vector, copy_points
 from retriever.tagging import (
     Tag,
     TagReport,
@@ -496,6 +497,28 @@ class Service:
         )
         caption_model = vlm.identity if vlm is not None and query.captions else None
         return SearchResult(store.name, [HitView.of(hit, caption_model) for hit in hits], caption_model)
+
+    def search_vector(
+        self,
+        vector: Sequence[float] | np.ndarray,
+        collection: str | None = None,
+        *,
+        k: int = 10,
+        offset: int = 0,
+        min_score: float | None = None,
+        filter: Filter | None = None,
+    ) -> SearchResult:
+        """Hits of a query vector given as it is (an embedding a client made with the collection's encoder): the
+        clip ranking of `search` without encoding a query. It is normalised here; the store checks its dim."""
+        if not 1 <= k <= self.settings.max_k:
+            raise InvalidQuery(f"k must be between 1 and {self.settings.max_k}, got {k}")
+        store = self.store(collection)
+        query = checked_query_vector(np.asarray(vector, dtype=np.float32), store.manifest, repr(store.name))
+        norm = float(np.linalg.norm(query))
+        if norm < 1e-6:
+            raise InvalidQuery("the query vector is zero: it points nowhere to search")
+        hits = store.search(query / norm, k, filter, min_score, offset)
+        return SearchResult(store.name, [HitView.of(hit) for hit in hits])
 
     def similar(
         self,

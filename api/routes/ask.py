@@ -1,0 +1,114 @@
+"""POST /v1/ask: a question about one image (a stored id, or an upload) to the generative model.
+
+One route, two bodies: JSON `{"image_id", "question", "collection"}`, or multipart with `file` (or `image_id`),
+`question` and `collection` fields. The body is read by the route (documented with openapi_extra), since a
+declared body parameter takes one content type only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from api.deps import MetricsDep, ReadAccess, ServiceDep, SettingsDep, visible
+from api.routes.search import ERRORS
+from api.schemas import IMAGE_ID_PATTERN, MAX_TEXT, AnswerOut, AskRequest, Strict
+from core.service import InvalidQuery, Service
+from core.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["ask"], responses=ERRORS)
+
+
+class AskForm(Strict):
+    collection: str | None = None
+    image_id: str | None = Field(None, pattern=IMAGE_ID_PATTERN)
+    question: str = Field(min_length=1, max_length=MAX_TEXT)
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+_FORM_SCHEMA = {
+    **_schema(AskForm),
+    "properties": {**_schema(AskForm)["properties"], "file": {"type": "string", "format": "binary"}},
+}
+OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _schema(AskRequest)},
+            "multipart/form-data": {"schema": _FORM_SCHEMA},
+        },
+    }
+}
+
+
+def _validated(model: type[Strict], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**problem, "loc": ("body", *problem["loc"])} for problem in error.errors(include_url=False)]
+        ) from None
+
+
+def _answer(
+    service: Service, settings: Settings, collection: str, question: str, image_id: str | None, data: bytes | None
+) -> AnswerOut:
+    if data is not None:
+        answer = service.ask(data, question, collection)
+        label = "<upload>"
+    else:
+        assert image_id is not None
+        # The stored image itself: an id is never taken for a file on the server.
+        answer = service.ask(service.load_image(image_id, collection), question, collection)
+        label = image_id
+    return AnswerOut(
+        image=label, question=answer.question, answer=answer.answer, model=service.container.vlm().identity
+    )
+
+
+@router.post("/ask", summary="Ask the generative model a question about one image", openapi_extra=OPENAPI_BODY)
+async def ask(
+    request: Request, principal: ReadAccess, service: ServiceDep, settings: SettingsDep, metrics: MetricsDep
+) -> AnswerOut:
+    started = time.perf_counter()
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    data: bytes | None = None
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        async with request.form(max_files=1, max_fields=10) as form:
+            upload = form.get("file")
+            fields = {key: value for key, value in form.items() if key != "file" and isinstance(value, str)}
+            body = _validated(AskForm, fields)
+            if isinstance(upload, UploadFile):
+                data = await upload.read(settings.max_image_bytes + 1)
+            elif upload is not None:
+                raise InvalidQuery("file must be an uploaded file")
+        if (data is None) == (body.image_id is None):
+            raise InvalidQuery("give exactly one of file (an upload) or image_id (a stored image)")
+    elif content_type == "application/json" or not content_type:
+        body = _validated(AskRequest, await _json(request))
+    else:
+        raise InvalidQuery(f"unsupported content type {content_type!r}: send JSON or multipart/form-data")
+    collection = visible(principal, body.collection or settings.collection)
+    result = await run_in_threadpool(_answer, service, settings, collection, body.question, body.image_id, data)
+    metrics.ask.observe(time.perf_counter() - started)
+    return result
+
+
+async def _json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {error}", "input": None}]
+        ) from None
