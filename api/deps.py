@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Path, Request
 from fastapi.security import APIKeyHeader, APIKeyQuery, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
 from api.limits import RateLimiter
@@ -65,7 +66,7 @@ class AppState:
             return self._jobs
 
 
-def app_state(request: Request) -> AppState:
+async def app_state(request: Request) -> AppState:
     state: AppState = request.app.state.vlsearch
     return state
 
@@ -158,26 +159,35 @@ def authenticate(
         raise _unauthorized("no API key is configured on this server: create one with `vlsearch keys create`")
     else:
         raise _unauthorized("an API key is needed: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
-    state.limiter.check(principal.id)
     return principal
 
 
-def read_access(
+async def counted(state: AppState, principal: Principal) -> Principal:
+    """principal, counted against the rate limit: in the thread pool when the count is kept in Redis (a network
+    round trip), else here (a dict under a lock)."""
+    if state.limiter.enabled:
+        await run_in_threadpool(state.limiter.check, principal.id)
+    return principal
+
+
+async def read_access(
     request: Request,
     state: StateDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header: Annotated[str | None, Depends(_header)],
 ) -> Principal:
-    return authenticate(request, state, "read", bearer, header)
+    # async: checking a key is a stat of the keys file and a hash, not worth a thread-pool hop per request
+    return await counted(state, authenticate(request, state, "read", bearer, header))
 
 
-def write_access(
+async def write_access(
     request: Request,
     state: StateDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header: Annotated[str | None, Depends(_header)],
 ) -> Principal:
-    return authenticate(request, state, "write", bearer, header)
+    # async: checking a key is a stat of the keys file and a hash, not worth a thread-pool hop per request
+    return await counted(state, authenticate(request, state, "write", bearer, header))
 
 
 ReadAccess = Annotated[Principal, Depends(read_access)]
@@ -192,7 +202,7 @@ _query_key = APIKeyQuery(
 )
 
 
-def read_access_or_query_key(
+async def read_access_or_query_key(
     request: Request,
     state: StateDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -202,7 +212,7 @@ def read_access_or_query_key(
     """read_access, with `?key=` as a third place for the key (the headers win when given)."""
     if header is None and bearer is None:
         header = query_key
-    return authenticate(request, state, "read", bearer, header)
+    return await counted(state, authenticate(request, state, "read", bearer, header))
 
 
 QueryKeyReadAccess = Annotated[Principal, Depends(read_access_or_query_key)]
@@ -222,11 +232,11 @@ ReadCollection = Annotated[str, Depends(readable_collection)]
 WriteCollection = Annotated[str, Depends(writable_collection)]
 
 
-def metrics_access(request: Request, state: StateDep) -> Any:
+async def metrics_access(request: Request, state: StateDep) -> Any:
     """/metrics: open unless VLSEARCH_METRICS_OPEN=false, then a read key like any read route."""
     if state.settings.metrics_open:
         return None
     bearer = request.headers.get("authorization", "")
     token = bearer[7:].strip() if bearer.lower().startswith("bearer ") else None
     credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token) if token else None
-    return authenticate(request, state, "read", credentials, request.headers.get("x-api-key"))
+    return await counted(state, authenticate(request, state, "read", credentials, request.headers.get("x-api-key")))
