@@ -6,11 +6,12 @@ from settings (k, offset, rerank_k) are checked by the routes, which know the se
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import quote
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, Json
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError
 
 from core.service import Filter, HitView, Query, SearchMode
 
@@ -20,6 +21,21 @@ MAX_TEXT = 2000  # characters of a query text or question
 MAX_JOB_SOURCES = 10_000  # paths or URLs in one index job
 
 ImageId = Annotated[str, Field(pattern=IMAGE_ID_PATTERN, description="An image id (hex of its content hash).")]
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validated(model: type[ModelT], data: Any, *where: str) -> ModelT:
+    """data as model, for a body the route reads itself (a form, a raw body): its problems are the framework's own
+    422, located under `body` (and `where`), as a body parameter's would be."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        problems = error.errors(include_url=False)
+        raise RequestValidationError(
+            [{**problem, "loc": ("body", *where, *problem["loc"])} for problem in problems]
+        ) from None
 
 
 class Strict(BaseModel):

@@ -91,8 +91,9 @@ def index_chunk(
         if (options or {}).get("urls"):
             result, failures = service().index_urls(items, collection), []
         else:
-            present = [path for path in items if Path(path).exists()]
-            failures = [FileError(path, "FileNotFound", "no such file") for path in items if path not in set(present)]
+            gone = {path for path in items if not Path(path).exists()}  # a listing's missing files fail alone
+            present = [path for path in items if path not in gone]
+            failures = [FileError(path, "FileNotFound", "no such file") for path in items if path in gone]
             result = service().index(present, collection) if present else None
         if result is not None:
             failures += [FileError(failure.path, failure.error, failure.reason) for failure in result.report.failed]

@@ -13,13 +13,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import MetricsDep, ReadAccess, ServiceDep, SettingsDep, visible
 from api.routes.search import ERRORS
-from api.schemas import IMAGE_ID_PATTERN, MAX_TEXT, AnswerOut, AskRequest, Strict
+from api.schemas import IMAGE_ID_PATTERN, MAX_TEXT, AnswerOut, AskRequest, Strict, validated
 from core.service import InvalidQuery, Service
 from core.settings import Settings
 
@@ -51,15 +51,6 @@ OPENAPI_BODY = {
 }
 
 
-def _validated(model: type[Strict], data: Any) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise RequestValidationError(
-            [{**problem, "loc": ("body", *problem["loc"])} for problem in error.errors(include_url=False)]
-        ) from None
-
-
 def _answer(
     service: Service, settings: Settings, collection: str, question: str, image_id: str | None, data: bytes | None
 ) -> AnswerOut:
@@ -82,12 +73,13 @@ async def ask(
 ) -> AnswerOut:
     started = time.perf_counter()
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body: AskForm | AskRequest
     data: bytes | None = None
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         async with request.form(max_files=1, max_fields=10) as form:
             upload = form.get("file")
             fields = {key: value for key, value in form.items() if key != "file" and isinstance(value, str)}
-            body = _validated(AskForm, fields)
+            body = validated(AskForm, fields)
             if isinstance(upload, UploadFile):
                 data = await upload.read(settings.max_image_bytes + 1)
             elif upload is not None:
@@ -95,7 +87,7 @@ async def ask(
         if (data is None) == (body.image_id is None):
             raise InvalidQuery("give exactly one of file (an upload) or image_id (a stored image)")
     elif content_type == "application/json" or not content_type:
-        body = _validated(AskRequest, await _json(request))
+        body = validated(AskRequest, await _json(request))
     else:
         raise InvalidQuery(f"unsupported content type {content_type!r}: send JSON or multipart/form-data")
     collection = visible(principal, body.collection or settings.collection)

@@ -39,11 +39,11 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import Base64Bytes, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import Base64Bytes, BaseModel, BeforeValidator, ConfigDict, Field
 
 from api.deps import FetcherDep, MetricsDep, QueryKeyReadAccess, ServiceDep, SettingsDep, visible
 from api.routes.search import ERRORS
-from api.schemas import MAX_TEXT, ImageId
+from api.schemas import MAX_TEXT, ImageId, validated
 from core.service import HitView, InvalidQuery, Query, SearchResult, Service
 from indexer.errors import DecodeError
 from indexer.fetch import SafeFetcher
@@ -138,12 +138,7 @@ def _parse(model: type[_Model], raw: bytes) -> _Model:
     except ValueError as error:  # UnicodeDecodeError included
         problem = {"type": "json_invalid", "loc": ("body",), "msg": f"the body is not JSON: {error}", "input": None}
         raise RequestValidationError([problem]) from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise RequestValidationError(
-            [{**problem, "loc": ("body", *problem["loc"])} for problem in error.errors(include_url=False)]
-        ) from None
+    return validated(model, data)
 
 
 async def knn_body(request: Request) -> KnnRequest:

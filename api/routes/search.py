@@ -6,8 +6,6 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 
 from api.deps import FetcherDep, MetricsDep, ReadAccess, ServiceDep, SettingsDep, visible
 from api.metrics import Metrics
@@ -21,6 +19,7 @@ from api.schemas import (
     SearchRequest,
     SearchResponse,
     UrlSearchRequest,
+    validated,
 )
 from core.service import InvalidQuery, Service
 from core.settings import Settings
@@ -86,12 +85,7 @@ def search(
 def _options(form: ImageSearchForm) -> SearchOptions:
     """The options of a multipart search: the `options` JSON object, then the fields given on their own."""
     given = form.model_dump(exclude_unset=True, exclude={"options", "file"})
-    try:
-        return SearchOptions.model_validate({**(form.options or {}), **given})
-    except ValidationError as error:
-        raise RequestValidationError(
-            [{**problem, "loc": ("body", "options", *problem["loc"])} for problem in error.errors(include_url=False)]
-        ) from None
+    return validated(SearchOptions, {**(form.options or {}), **given}, "options")
 
 
 @router.post("/search/image", summary="Search by an uploaded image (multipart), with optional text")

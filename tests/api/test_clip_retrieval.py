@@ -8,11 +8,9 @@ Client here, for the schema check of test_zz_openapi.
 from __future__ import annotations
 
 import base64
-import http.server
 import importlib.metadata
 import importlib.util
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -122,26 +120,6 @@ def test_clip_client_embedding_query_gets_what_v1_search_answers_for_its_text(
     )
     zero = reader.post("/knn-service", content=json.dumps({"embedding_input": [0.0] * len(embedding)}))
     assert zero.status_code == 400 and error_of(zero)["code"] == "invalid_query"
-
-
-@pytest.fixture(scope="module")
-def image_site(template: Template) -> Iterator[str]:
-    """A web server on 127.0.0.1 serving the scenes (the session server's fetcher may reach it)."""
-    folder = str(template.scenes)
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            super().__init__(*args, directory=folder, **kwargs)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def test_clip_client_image_url_query_goes_through_the_safe_fetcher(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,26 +155,6 @@ def test_bad_uploads_are_json_errors(reader, template: Template, files, data, st
     response = reader.post("/v1/search/image", files=files, data=data)
     assert response.status_code == status, response.text
     assert error_of(response)["code"] == code
-
-
-@pytest.fixture(scope="module")
-def image_site(template: Template) -> Iterator[str]:
-    """A web server on 127.0.0.1 serving the scenes (the API's fetcher is allowed to reach it)."""
-    folder = str(template.scenes)
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-            super().__init__(*args, directory=folder, **kwargs)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def test_url_search_fetches_and_finds_the_image(reader, image_site: str) -> None:

@@ -180,6 +180,12 @@ def start_worker(
     )
 
 
+def kill(worker: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the worker and its pool (its process group), as an out-of-memory kill would, and reap it."""
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+
+
 def children(pid: int) -> list[int]:
     try:
         return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -229,8 +235,7 @@ def test_a_pool_child_killed_mid_chunk_has_its_chunk_delivered_again_and_the_job
         assert attempts is not None and int(attempts) >= 2, "the killed chunk was not delivered again"
         check_collection(env, 40)
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+        kill(worker)
 
 
 @pytest.mark.slow
@@ -244,8 +249,7 @@ def test_a_whole_worker_killed_mid_job_leaves_its_chunk_to_the_next_worker_after
     try:
         wait_for_a_chunk_in_progress(job["id"])
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the worker and its pool: nothing acknowledges the message
-        first.wait()
+        kill(first)  # the worker and its pool: nothing acknowledges the message
     assert json.loads(cli(env, "job", job["id"], "--json").stdout)["state"] == "running"
     second = start_worker(env, tmp_path / "worker.log", slow=True)
     try:
@@ -253,8 +257,7 @@ def test_a_whole_worker_killed_mid_job_leaves_its_chunk_to_the_next_worker_after
         assert (record["state"], record["done"], record["failed"], record["chunks_done"]) == ("done", 40, 0, 10)
         check_collection(env, 40)
     finally:
-        os.killpg(second.pid, signal.SIGKILL)
-        second.wait()
+        kill(second)
 
 
 @pytest.mark.slow
@@ -309,8 +312,7 @@ def test_tag_and_caption_jobs_on_the_workers_write_tags_and_only_missing_caption
                 i: sorted(payloads[i].get("tags", [])) for i in ids
             }
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+        kill(worker)
 
 
 def test_the_same_chunk_delivered_twice_changes_neither_the_store_nor_the_counts(
@@ -361,8 +363,7 @@ def test_cancel_stops_a_running_job_and_no_chunk_after_the_flag_writes(env: dict
         with Service(settings) as service:
             assert service.info().count <= 4 * attempted  # only chunks begun before the flag wrote
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+        kill(worker)
 
 
 @pytest.mark.slow
@@ -385,8 +386,7 @@ def test_a_chunk_that_kills_its_worker_every_time_is_failed_after_the_maximum_at
         assert attempts is not None and int(attempts) == 3  # two deliveries killed their child, the third gave up
         check_collection(env, 4)
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+        kill(worker)
 
 
 @pytest.mark.slow
@@ -425,8 +425,7 @@ def test_a_verified_tag_job_with_the_shipped_models_tags_each_image_with_exactly
         record = wait_for_end(env, job["id"], tmp_path)
         assert (record["state"], record["done"], record["failed"]) == ("done", scenes, 0)
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+        kill(worker)
     with Service(settings) as service:
         tags = {record.id: set(record.payload.get("tags", [])) for record in service.store().scroll()}
     per_label = {label: [0, 0, 0] for label in labels_list}  # true positives, false positives, false negatives
@@ -485,8 +484,7 @@ def test_a_url_listing_is_refused_before_any_connection_unless_that_server_is_al
         assert {error["error"] for error in record["errors"]} == {"FetchRefused"}  # type: ignore[attr-defined]
         assert requests == []  # refused before any connection
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+        kill(worker)
     allowed = {**env, "VLSEARCH_FETCH_ALLOW": '["127.0.0.1"]'}
     worker = start_worker(allowed, tmp_path / "worker.log")
     try:
@@ -496,8 +494,7 @@ def test_a_url_listing_is_refused_before_any_connection_unless_that_server_is_al
         failed = {str(error["source"]).rsplit("/", 1)[1]: error["error"] for error in record["errors"]}  # type: ignore[attr-defined]
         assert failed == {"broken.jpg": "CorruptImage", "missing.png": "FetchFailed"}
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+        kill(worker)
     settings = Settings(data_dir=Path(env["VLSEARCH_DATA_DIR"]), collection="photos")
     with Service(settings) as service:
         records = list(service.store().scroll())
@@ -542,6 +539,5 @@ def test_each_pool_child_runs_torch_on_its_share_of_the_cores(
             time.sleep(0.2)
         reported = [int(path.read_text()) for path in folder.iterdir()]
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+        kill(worker)
     assert reported == [max(1, available_cores() // concurrency)] * concurrency
