@@ -47,6 +47,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.api_torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.api_torch_threads)  # before any model runs (see the setting)
         service = Service(settings)
         state = AppState(settings, service, KeyStore.from_settings(settings), metrics)
         app.state.vlsearch = state

@@ -1,12 +1,15 @@
 """Search in-process against search through the HTTP API, measured side by side in one run, in interleaved rounds.
 
-    .venv/bin/python bench/api.py [--scenes 2000] [--rounds 5] [--requests 300] [--clients 16]
+    .venv/bin/python bench/api.py [--scenes 2000] [--rounds 5] [--requests 300] [--clients 16] [--client stdlib|httpx]
+        [--server-torch-threads N]
 
 On the shipped models (shapes-clip, text queries of the shapes world, k 10), over a generated shapes-world
 collection indexed once into a temporary data dir:
 (a) `Service.search(Query(...))` called in this process;
 (b) `POST /v1/search` against a real `vlsearch serve` subprocess (default options: one uvicorn process, access
-    log on) on a free loopback port, with httpx (keep-alive, the JSON answer parsed).
+    log on) on a free loopback port, from a keep-alive client, the JSON answer parsed: the standard library's
+    http.client by default (the least a client adds: the figure is the server's), or httpx (`--client httpx`,
+    about half a millisecond of client CPU more a request).
 Each with 1 client (in the main thread) and with N concurrent clients (threads, each HTTP one with its own
 client), the four runs in rounds a1, b1, aN, bN, a1, ...; latencies are pooled over the rounds for p50 and p99,
 the overhead and rate ratios are medians over the rounds with their spread. The server and this process share
@@ -14,13 +17,15 @@ the machine's cores: during (b) both run, during (a) the server is idle. CPU tim
 the server's from /proc) and the server's own /metrics (time inside the app, time in the search) say where the
 HTTP overhead goes; (c) times the app's own work alone: the app driven as ASGI in this process (no network, no
 client), its service's search answering one cached result, POST /v1/search against GET /healthz. Torch threads:
-OMP_NUM_THREADS, which the server inherits.
+each path as it is deployed: in-process torch's own (OMP_NUM_THREADS, else one per core), the server its
+VLSEARCH_API_TORCH_THREADS (default 1; `--server-torch-threads 0` gives it torch's own as well).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import statistics
@@ -33,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -64,7 +70,7 @@ def bench_settings(data_dir: Path) -> Settings:
     )
 
 
-def server_env(data_dir: Path) -> dict[str, str]:
+def server_env(data_dir: Path, torch_threads: int | None = None) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("VLSEARCH_")}
     env.update(
         {
@@ -79,6 +85,8 @@ def server_env(data_dir: Path) -> dict[str, str]:
             "VLSEARCH_VLM_DEVICE": "cpu",
         }
     )
+    if torch_threads is not None:
+        env["VLSEARCH_API_TORCH_THREADS"] = str(torch_threads)
     return env
 
 
@@ -91,14 +99,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(data_dir: Path, log: Path) -> Iterator[tuple[str, int]]:
+def server(data_dir: Path, log: Path, torch_threads: int | None = None) -> Iterator[tuple[str, int]]:
     """`vlsearch serve` on a free loopback port, once /readyz answers; its base URL and pid."""
     port = free_port()
     with log.open("wb") as handle:
         process = subprocess.Popen(
             [VLSEARCH, "serve", "--port", str(port)],
             cwd=REPO_ROOT,
-            env=server_env(data_dir),
+            env=server_env(data_dir, torch_threads),
             stdout=handle,
             stderr=subprocess.STDOUT,
         )
@@ -195,18 +203,33 @@ def timed_run(
 
 
 class HttpCaller:
-    """One keep-alive httpx client: POST /v1/search, the answer checked and parsed."""
+    """One keep-alive connection: POST /v1/search, the answer checked and parsed (see the docstring for clients)."""
 
-    def __init__(self, base_url: str, key: str) -> None:
-        self.client = httpx.Client(base_url=base_url, headers={"X-API-Key": key}, timeout=60)
+    def __init__(self, base_url: str, key: str, client: str = "stdlib") -> None:
+        self.headers = {"X-API-Key": key, "Content-Type": "application/json"}
+        if client == "httpx":
+            self.client: httpx.Client | None = httpx.Client(base_url=base_url, headers=self.headers, timeout=60)
+        else:
+            self.client = None
+            self.connection = http.client.HTTPConnection(urlsplit(base_url).netloc, timeout=60)
 
     def __call__(self, text: str) -> None:
-        answer = self.client.post("/v1/search", json={"collection": COLLECTION, "text": text, "k": K})
-        if answer.status_code != 200 or len(answer.json()["hits"]) != K:
-            raise SystemExit(f"POST /v1/search answered {answer.status_code}: {answer.text[:500]}")
+        body = json.dumps({"collection": COLLECTION, "text": text, "k": K})
+        if self.client is not None:
+            answer = self.client.post("/v1/search", content=body)
+            status, data = answer.status_code, answer.content
+        else:
+            self.connection.request("POST", "/v1/search", body=body, headers=self.headers)
+            response = self.connection.getresponse()
+            status, data = response.status, response.read()
+        if status != 200 or len(json.loads(data)["hits"]) != K:
+            raise SystemExit(f"POST /v1/search answered {status}: {data[:500]!r}")
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
+        else:
+            self.connection.close()
 
 
 APP_HISTOGRAM = ("vlsearch_http_request_duration_seconds", {"method": "POST", "route": "/v1/search"})
@@ -322,12 +345,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=300, help="requests per run with one client")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients of the second setting")
+    parser.add_argument(
+        "--server-torch-threads", type=int, default=None, help="VLSEARCH_API_TORCH_THREADS of the server"
+    )
+    parser.add_argument("--client", choices=("stdlib", "httpx"), default="stdlib", help="the HTTP client library")
     args = parser.parse_args()
 
     cores = len(os.sched_getaffinity(0))
     print(
         f"machine: {cores} cores (the server and this process share them), torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads; model shapes-clip; k {K}"
+        f"{torch.get_num_threads()} threads in this process, the server's VLSEARCH_API_TORCH_THREADS "
+        f"{'default' if args.server_torch_threads is None else args.server_torch_threads}; model shapes-clip; k {K}; "
+        f"HTTP client {args.client}"
     )
     texts = [text for kind in QUERY_KINDS for text in queries(kind)]
     texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))]
@@ -347,8 +376,8 @@ def main() -> None:
 
                 return call
 
-            with server(settings.data_dir, root / "server.log") as (base_url, pid):
-                over_http: Callable[[], Callable[[str], None]] = lambda: HttpCaller(base_url, key)  # noqa: E731
+            with server(settings.data_dir, root / "server.log", args.server_torch_threads) as (base_url, pid):
+                over_http: Callable[[], Callable[[str], None]] = lambda: HttpCaller(base_url, key, args.client)  # noqa: E731
                 for make in (in_process, over_http):  # warm both paths (first searches open and cache things)
                     timed_run(2, 20, make, texts, pid)
                 many = max(1, args.requests // args.clients) * 2  # per client: twice the one-client run in all
@@ -423,7 +452,7 @@ def main() -> None:
     print(f"    the search, in the server                {search * 1000:6.2f}")
     print("    the rest of the app (auth, validation,")
     print(f"      thread-pool hops, JSON encoding)       {(app - search) * 1000:6.2f}")
-    print(f"    uvicorn, loopback and the httpx client   {(client_mean - app) * 1000:6.2f}")
+    print(f"    uvicorn, loopback and the client         {(client_mean - app) * 1000:6.2f}")
     pooled = [
         percentile([value for run in runs[(path, 1)] for value in run.latencies], 50) * 1000
         for path in ("in-process", "http")

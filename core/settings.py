@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     rate_limit_window: int = Field(default=60, ge=1)  # seconds (60: rate_limit is per minute)
     metrics_open: bool = True  # /metrics without a key (it names route templates, never collections or ids)
     api_preload: bool = True  # load the encoder and generative model at start (/readyz waits for them)
+    # torch intra-op threads of an API process; 0: torch's own (one per core). Requests run side by side in the
+    # thread pool and each thread that calls torch gets an OpenMP team of this size, spinning between ops: one a
+    # request leaves the cores to the other requests and to the event loop that answers them.
+    api_torch_threads: int = Field(default=1, ge=0)
 
     # API keys besides those of data_dir/api_keys.json: a JSON list of {"key" or "sha256", "scopes", "collections",
     # "name"} (format in core/keys.py). Secret: it may hold plaintext keys, so it never shows in a repr or a log.

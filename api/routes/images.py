@@ -51,7 +51,9 @@ def thumbnail(
     return Response(picture.data, media_type=picture.media_type, headers=headers)
 
 
-@router.get("/{image_id}/similar", summary="Images that look like this one (never itself)")
+@router.get(
+    "/{image_id}/similar", response_model=SearchResponse, summary="Images that look like this one (never itself)"
+)
 def similar(
     name: ReadCollection,
     image_id: ImageIdPath,
@@ -59,7 +61,7 @@ def similar(
     settings: SettingsDep,
     metrics: MetricsDep,
     params: Annotated[SimilarParams, Query()],
-) -> SearchResponse:
+) -> Response:
     started = time.perf_counter()
     options = params.options(name)
     return run_search(service, settings, metrics, options, name, started, image_id=image_id)

@@ -6,6 +6,7 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form
+from fastapi.responses import Response
 
 from api.deps import FetcherDep, MetricsDep, ReadAccess, ServiceDep, SettingsDep, visible
 from api.metrics import Metrics
@@ -19,6 +20,7 @@ from api.schemas import (
     SearchRequest,
     SearchResponse,
     UrlSearchRequest,
+    json_response,
     validated,
 )
 from core.service import InvalidQuery, Service
@@ -52,7 +54,7 @@ def run_search(
     collection: str,
     started: float,
     **image: Any,
-) -> SearchResponse:
+) -> Response:
     """One search through the service, answered with the collection's encoder and the generative model used."""
     check_bounds(options, settings)
     query = options.query(settings.rerank_k, settings.fusion_weight, **image)
@@ -61,7 +63,7 @@ def run_search(
     metrics.observe_search(query.mode, query.rerank, query.captions, took)
     manifest = service.store(collection).manifest
     identity = result.caption_model or (service.container.vlm().identity if query.rerank else None)
-    return SearchResponse(
+    answer = SearchResponse(
         collection=result.collection,
         hits=[HitOut.of(hit, result.collection) for hit in result.hits],
         encoder=EncoderOut(
@@ -70,12 +72,13 @@ def run_search(
         generative_model=GenerativeModelOut(source=settings.vlm_model, identity=identity),
         took_ms=round(took * 1000, 3),
     )
+    return json_response(answer)
 
 
-@router.post("/search", summary="Search by text, a stored image, or both")
+@router.post("/search", response_model=SearchResponse, summary="Search by text, a stored image, or both")
 def search(
     body: SearchRequest, principal: ReadAccess, service: ServiceDep, settings: SettingsDep, metrics: MetricsDep
-) -> SearchResponse:
+) -> Response:
     started = time.perf_counter()
     collection = visible(principal, body.collection or settings.collection)
     image = {"image_id": body.image_id} if body.image_id else {}
@@ -88,14 +91,18 @@ def _options(form: ImageSearchForm) -> SearchOptions:
     return validated(SearchOptions, {**(form.options or {}), **given}, "options")
 
 
-@router.post("/search/image", summary="Search by an uploaded image (multipart), with optional text")
+@router.post(
+    "/search/image",
+    response_model=SearchResponse,
+    summary="Search by an uploaded image (multipart), with optional text",
+)
 def search_image(
     form: Annotated[ImageSearchForm, Form(media_type="multipart/form-data")],
     principal: ReadAccess,
     service: ServiceDep,
     settings: SettingsDep,
     metrics: MetricsDep,
-) -> SearchResponse:
+) -> Response:
     started = time.perf_counter()
     options = _options(form)
     collection = visible(principal, options.collection or settings.collection)
@@ -104,7 +111,9 @@ def search_image(
     return run_search(service, settings, metrics, options, collection, started, **picture.fields())
 
 
-@router.post("/search/url", summary="Search by the image at a URL (public addresses only)")
+@router.post(
+    "/search/url", response_model=SearchResponse, summary="Search by the image at a URL (public addresses only)"
+)
 def search_url(
     body: UrlSearchRequest,
     principal: ReadAccess,
@@ -112,7 +121,7 @@ def search_url(
     settings: SettingsDep,
     metrics: MetricsDep,
     fetcher: FetcherDep,
-) -> SearchResponse:
+) -> Response:
     started = time.perf_counter()
     collection = visible(principal, body.collection or settings.collection)
     fetched = fetcher.fetch(body.url)  # FetchRefused (400) before any connection to a non-public address
