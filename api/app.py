@@ -20,6 +20,7 @@ from api.limits import BodyLimitMiddleware
 from api.metrics import JOBS_SCANNED, Metrics, MetricsMiddleware
 from api.readiness import Warmup
 from api.routes import ask, clip_retrieval, collections, health, images, jobs, search
+from api.routes.page import install_page
 from core.container import build_settings
 from core.keys import KeyStore
 from core.service import Service
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (search, collections, images, jobs, ask, health, clip_retrieval):
         app.include_router(module.router)
+    install_page(app)
 
     if jobs_configured(settings):
         from workers.app import QUEUES

@@ -236,6 +236,9 @@ class CollectionCreate(Strict):
 
 class CollectionList(BaseModel):
     collections: list[str]
+    default: str | None = Field(
+        description="The server's default collection (VLSEARCH_COLLECTION), when it exists and this key may see it."
+    )
 
 
 class CollectionOut(BaseModel):

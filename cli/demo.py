@@ -71,8 +71,8 @@ def serve_demo(settings: Settings, host: str, port: int) -> None:
     created = KeyStore.from_settings(settings).create("read", name="demo")
     shown_host = f"[{host}]" if ":" in host else host
     base_url = f"http://{shown_host}:{port}"
-    print(f"\nserving the API on {base_url} (docs: {base_url}/docs; Ctrl-C stops it)")
-    print(f"read key (made for this demo, in {settings.data_dir}): {created.secret}")
+    print(f"\nserving the page and the API on {base_url}/ (API docs: {base_url}/docs; Ctrl-C stops it)")
+    print(f"read key (made for this demo, in {settings.data_dir}; paste it into the page): {created.secret}")
     print("try:")
     print(f"  {curl_line(base_url, created.secret, settings.collection, DEMO_QUERIES[0])}")
     sys.stdout.flush()

@@ -32,8 +32,9 @@ EXPORT_MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset
 
 
 @router.get("", summary="The collections this key may see")
-def list_collections(principal: ReadAccess, service: ServiceDep) -> CollectionList:
-    return CollectionList(collections=[name for name in service.list_collections() if principal.may_access(name)])
+def list_collections(principal: ReadAccess, service: ServiceDep, settings: SettingsDep) -> CollectionList:
+    names = [name for name in service.list_collections() if principal.may_access(name)]
+    return CollectionList(collections=names, default=settings.collection if settings.collection in names else None)
 
 
 @router.post("", status_code=201, summary="Create an empty collection for an encoder")

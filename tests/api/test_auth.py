@@ -139,7 +139,9 @@ def test_auth_matrix(
 
 def test_a_limited_key_sees_only_its_collections(server: Server, keys: Keys, shapes_job: str) -> None:
     with server.client(keys.limited) as limited, server.client(keys.write) as writer:
-        assert limited.get("/v1/collections").json()["collections"] == ["other"]
+        # the server's default (shapes) is not named to a key that may not see it
+        assert limited.get("/v1/collections").json() == {"collections": ["other"], "default": None}
+        assert writer.get("/v1/collections").json()["default"] == "shapes"
         assert limited.get("/v1/collections/other").status_code == 200
         assert shapes_job not in [job["id"] for job in limited.get("/v1/jobs").json()["jobs"]]
         hidden, absent = limited.get("/v1/collections/shapes"), limited.get("/v1/collections/nothing-here")

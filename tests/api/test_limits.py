@@ -115,7 +115,7 @@ def test_dependencies_can_be_overridden(keyless_app: TestClient) -> None:
     app.dependency_overrides[read_access] = lambda: Principal(None, "test")  # type: ignore[attr-defined]
     try:
         response = keyless_app.get("/v1/collections")
-        assert response.status_code == 200 and response.json() == {"collections": []}
+        assert response.status_code == 200 and response.json() == {"collections": [], "default": None}
     finally:
         app.dependency_overrides.clear()  # type: ignore[attr-defined]
 

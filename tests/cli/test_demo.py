@@ -84,7 +84,7 @@ def test_demo_serves_the_api_and_its_printed_curl_finds_hits(tmp_path: Path) -> 
             with contextlib.suppress(queue.Empty):
                 output.append(lines.get(timeout=0.5))
         text = "".join(output)
-        assert f"serving the API on http://127.0.0.1:{port}" in text
+        assert f"serving the page and the API on http://127.0.0.1:{port}/" in text
         key = next(line.rsplit(": ", 1)[1].strip() for line in output if line.startswith("read key"))
         url, headers, body = curl_request(next(line for line in output if line.lstrip().startswith("curl ")))
         assert headers["X-API-Key"] == key and url == f"http://127.0.0.1:{port}/v1/search"
@@ -104,6 +104,8 @@ def test_demo_serves_the_api_and_its_printed_curl_finds_hits(tmp_path: Path) -> 
             assert answer.json()["collection"] == "shapes"
             # The demo's API is not open: the printed key is what lets the request in.
             assert client.post(url, headers={"Content-Type": "application/json"}, content=body).status_code == 401
+            page = client.get(f"http://127.0.0.1:{port}/")  # and the page, which asks for that key
+            assert page.status_code == 200 and 'id="api-key"' in page.text
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
