@@ -39,11 +39,11 @@ def validated(model: type[ModelT], data: Any, *where: str) -> ModelT:
         ) from None
 
 
-def json_response(model: BaseModel, status_code: int = 200) -> Response:
+def json_response(model: BaseModel) -> Response:
     """model as a JSON answer, serialized by pydantic-core where it is built. Returned by a route that declares the
     model as its `response_model` (the schema); FastAPI's own path would validate the answer a second time, for a
     plain `def` route in one more thread-pool hop (a search's hot path)."""
-    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 class Strict(BaseModel):

@@ -1,17 +1,28 @@
 // The vlsearch page: search by text, by a stored image or an uploaded one; the results as a grid of cards; a
-// detail view that answers questions; and the jobs panel. Everything goes through the public API (api.js) with
+// detail view that answers questions (the jobs panel is jobs.js). Everything goes through the public API (api.js) with
 // the key the user enters. API data reaches the DOM as text only (textContent, never innerHTML).
 
 import { api, ApiError, currentKey, isAbort, storeKey } from "./api.js";
+import {
+  altText,
+  captionOf,
+  el,
+  errorText,
+  fileName,
+  formatScore,
+  score,
+  sizeText,
+  splitList,
+  storedCaption,
+  wholeNumber,
+} from "./dom.js";
+import { restartJobsPolling, showJobFields, updateJobCollectionHint } from "./jobs.js";
 
 const DEFAULT_K = 20;
 const MAX_K = 100;
 const MODES = ["clip", "keyword", "hybrid"];
 const GRID_THUMB_SIZE = 256;
 const DETAIL_THUMB_SIZE = 512;
-const JOBS_FAST_POLL_MS = 1000; // while a job is unfinished and the page is visible
-const JOBS_SLOW_POLL_MS = 5000;
-const FINISHED_JOB_STATES = new Set(["done", "failed", "cancelled"]);
 const COLLECTION_STORAGE = "vlsearch.collection"; // the collection last searched, preselected next visit
 
 const $ = (selector) => document.querySelector(selector);
@@ -59,19 +70,6 @@ const detail = {
   answer: $("#answer"),
 };
 
-const jobsView = {
-  form: $("#job-form"),
-  kind: $("#job-kind"),
-  collection: $("#job-collection"),
-  paths: $("#job-paths"),
-  labels: $("#job-labels"),
-  verify: $("#job-verify"),
-  force: $("#job-force"),
-  submit: $("#submit-job"),
-  message: $("#job-message"),
-  list: $("#job-list"),
-};
-
 // The one search on screen. A new search aborts the running request; `generation` tells a late answer of an
 // older search (or page) from the current one, which alone may touch the page.
 const search = {
@@ -104,117 +102,11 @@ const shown = {
 // run the same search again.
 let appliedSearch = location.search;
 
-// --- small helpers ---------------------------------------------------------------------------------------------
-
-/** An element with properties (dataset and aria-* as attributes) and children (strings become text nodes). */
-function el(tag, props = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(props)) {
-    if (name === "dataset") Object.assign(node.dataset, value);
-    else if (name.startsWith("aria-")) node.setAttribute(name, value);
-    else node[name] = value;
-  }
-  node.append(...children);
-  return node;
-}
-
-/** The last part of a path, for either separator. */
-function fileName(path) {
-  return path ? (path.split(/[\\/]/).filter(Boolean).pop() ?? path) : "";
-}
-
-/** Comma-separated words as a list, blanks dropped. */
-function splitList(text) {
-  return text
-    .split(",")
-    .map((part) => part.trim())
-    .filter(Boolean);
-}
-
-/** A non-negative whole number, or null for blank or anything else. */
-function wholeNumber(text) {
-  const trimmed = String(text ?? "").trim();
-  if (!trimmed) return null;
-  const number = Number(trimmed);
-  return Number.isInteger(number) && number >= 0 ? number : null;
-}
-
-/** A score bound (a CLIP cosine, -1 to 1), or null when empty or not a number. */
-function score(text) {
-  const trimmed = String(text ?? "").trim();
-  if (!trimmed) return null;
-  const number = Number(trimmed);
-  return Number.isFinite(number) ? number : null;
-}
-
 /** k between 1 and MAX_K: an out-of-range value (a hand-edited URL) is brought into range. */
 function pageSize(text) {
   const number = Number(String(text ?? "").trim());
   if (!String(text ?? "").trim() || !Number.isFinite(number)) return DEFAULT_K;
   return Math.min(MAX_K, Math.max(1, Math.round(number)));
-}
-
-function formatScore(score) {
-  return Number(score).toFixed(3);
-}
-
-function formatBytes(bytes) {
-  if (bytes < 1000) return `${bytes} B`;
-  const units = ["kB", "MB", "GB", "TB"];
-  let value = bytes / 1000;
-  let unit = 0;
-  while (value >= 1000 && unit < units.length - 1) {
-    value /= 1000;
-    unit += 1;
-  }
-  return `${value.toFixed(value < 10 ? 1 : 0)} ${units[unit]}`;
-}
-
-function formatDuration(seconds) {
-  if (seconds < 90) return `${Math.max(1, Math.round(seconds))} s`;
-  if (seconds < 90 * 60) return `${Math.round(seconds / 60)} min`;
-  return `${(seconds / 3600).toFixed(1)} h`;
-}
-
-/** "64 × 64 px, 3.1 kB, PNG" from whatever of it the payload has. */
-function sizeText(payload) {
-  const parts = [];
-  if (payload.width != null && payload.height != null) parts.push(`${payload.width} × ${payload.height} px`);
-  if (payload.bytes != null) parts.push(formatBytes(payload.bytes));
-  if (payload.format) parts.push(String(payload.format).toUpperCase());
-  return parts.join(", ");
-}
-
-/** The first caption of a payload: captions are kept per generative model, {model identity: caption}. */
-function storedCaption(payload) {
-  const captions = payload?.captions;
-  const all = Array.isArray(captions) ? captions : Object.values(captions ?? {});
-  return all.find((caption) => typeof caption === "string" && caption.trim()) ?? "";
-}
-
-/** This request's caption, else a stored one. */
-function captionOf(hit) {
-  return hit.caption || storedCaption(hit.payload);
-}
-
-/** What a hit's picture says to someone who cannot see it: its caption, else its file name. */
-function altText(hit) {
-  return captionOf(hit) || fileName(hit.path) || hit.payload?.source_name || `Image ${hit.id.slice(0, 12)}`;
-}
-
-function sentence(text) {
-  return /[.!?]$/.test(text) ? text : `${text}.`;
-}
-
-/**
- * An error as the page shows it: the API's message word for word; for a 403 also, plainly, which scope the key
- * lacks for this action ("This key can't submit jobs: it needs the write scope.").
- */
-function errorText(error, action, scope) {
-  if (!(error instanceof ApiError)) return String(error?.message ?? error);
-  if (error.status === 403) return `${sentence(error.message)} This key can't ${action}: it needs the ${scope} scope.`;
-  if (error.status === 401 && currentKey()) return `${sentence(error.message)} Check the API key above.`;
-  return error.message;
 }
 
 function rememberedCollection() {
@@ -923,283 +815,6 @@ detail.dialog.addEventListener("close", () => {
   if (open) {
     open.focus();
     open.scrollIntoView({ block: "nearest" });
-  }
-});
-
-// --- jobs ------------------------------------------------------------------------------------------------------
-
-// Polled while there is a key: every second while a job is unfinished and the page is visible, else every five
-// seconds. A 401, 403 or 503 (jobs not configured) ends the polling: asking again would only repeat the answer.
-const jobs = {
-  polling: false,
-  generation: 0, // bumped when the key changes: an answer for the old key is dropped
-  timer: 0,
-  inFlight: false,
-  again: false, // a poll was asked for while one ran
-  pollFailed: false,
-  items: new Map(), // job id -> its row's elements, updated in place (focus and open <details> survive a poll)
-};
-
-function setJobMessage(text) {
-  jobsView.message.textContent = text;
-}
-
-function restartJobsPolling() {
-  if (!currentKey()) {
-    stopJobsPolling();
-    renderJobs([]);
-    setJobMessage("Enter an API key above to see and submit jobs.");
-    return;
-  }
-  setJobMessage("");
-  resumeJobsPolling();
-}
-
-function stopJobsPolling() {
-  clearTimeout(jobs.timer);
-  jobs.generation += 1;
-  jobs.polling = false;
-  jobs.inFlight = false;
-}
-
-function resumeJobsPolling() {
-  stopJobsPolling();
-  jobs.polling = true;
-  pollJobs();
-}
-
-/** A poll now (after a submit or cancel, or when the page shows again), or right after the one running. */
-function pollJobsSoon() {
-  if (!jobs.polling) return;
-  if (jobs.inFlight) {
-    jobs.again = true;
-    return;
-  }
-  clearTimeout(jobs.timer);
-  pollJobs();
-}
-
-async function pollJobs() {
-  const generation = jobs.generation;
-  jobs.inFlight = true;
-  jobs.again = false;
-  let delay = JOBS_SLOW_POLL_MS;
-  try {
-    const { jobs: list } = await api.jobs();
-    if (generation !== jobs.generation) return;
-    renderJobs(list);
-    if (jobs.pollFailed) setJobMessage(""); // the earlier failure has passed
-    jobs.pollFailed = false;
-    const unfinished = list.some((job) => !FINISHED_JOB_STATES.has(job.state));
-    if (unfinished && document.visibilityState === "visible") delay = JOBS_FAST_POLL_MS;
-  } catch (error) {
-    if (generation !== jobs.generation) return;
-    setJobMessage(errorText(error, "see jobs", "read"));
-    if ([401, 403, 503].includes(error.status)) {
-      jobs.polling = false;
-      return;
-    }
-    jobs.pollFailed = true; // a network error or 429: try again later
-  } finally {
-    if (generation === jobs.generation) jobs.inFlight = false;
-  }
-  jobs.timer = setTimeout(pollJobs, jobs.again ? 0 : delay);
-}
-
-document.addEventListener("visibilitychange", () => {
-  if (document.visibilityState === "visible") pollJobsSoon();
-});
-
-/** The rows for list (newest first): kept rows updated, new ones added, gone ones removed. */
-function renderJobs(list) {
-  const ids = new Set(list.map((job) => job.id));
-  for (const [id, item] of jobs.items) {
-    if (!ids.has(id)) {
-      item.li.remove();
-      jobs.items.delete(id);
-    }
-  }
-  list.forEach((job, position) => {
-    const item = jobItem(job);
-    const here = jobsView.list.children[position];
-    if (here !== item.li) jobsView.list.insertBefore(item.li, here ?? null);
-  });
-}
-
-/** One job shown at the top of the list at once (a submit's answer), before the next poll places it. */
-function showJob(job) {
-  const known = jobs.items.has(job.id);
-  const item = jobItem(job);
-  if (!known) jobsView.list.prepend(item.li);
-}
-
-/** The row of job, made on first sight and brought up to date. */
-function jobItem(job) {
-  let item = jobs.items.get(job.id);
-  if (!item) {
-    item = newJobItem(job.id);
-    jobs.items.set(job.id, item);
-  }
-  updateJobItem(item, job);
-  return item;
-}
-
-function newJobItem(id) {
-  const item = {
-    kind: el("span", { className: "job-kind" }),
-    collection: el("span", { className: "job-collection" }),
-    state: el("span", { className: "job-state" }),
-    progress: el("progress", { className: "job-progress" }),
-    counts: el("p", { className: "job-counts" }),
-    rate: el("p", { className: "job-rate" }),
-    reason: el("p", { className: "job-reason" }),
-    actions: el("div", { className: "job-actions" }),
-    cancel: el("button", { type: "button", className: "job-cancel" }, "Cancel"),
-    errors: el("details", { className: "job-errors" }),
-    errorsSummary: el("summary"),
-    errorList: el("ul"),
-    errorCount: -1,
-  };
-  item.errors.append(item.errorsSummary, item.errorList);
-  const head = el("p", { className: "job-head" }, item.kind, " · ", item.collection, " ", item.state);
-  item.li = el(
-    "li",
-    { className: "job", dataset: { jobId: id } },
-    head,
-    item.progress,
-    item.counts,
-    item.rate,
-    item.reason,
-    item.actions,
-    item.errors,
-  );
-  return item;
-}
-
-function updateJobItem(item, job) {
-  const finished = FINISHED_JOB_STATES.has(job.state);
-  const processed = job.done + job.failed;
-  item.li.dataset.state = job.state;
-  item.li.title = `Job ${job.id}, submitted ${new Date(job.created * 1000).toLocaleString()}`;
-  item.kind.textContent = job.kind;
-  item.collection.textContent = job.collection;
-  item.state.textContent = job.state;
-
-  item.progress.setAttribute("aria-label", `Progress of the ${job.kind} job on ${job.collection}`);
-  if (job.total > 0) {
-    item.progress.max = job.total;
-    item.progress.value = Math.min(processed, job.total);
-  } else if (finished) {
-    item.progress.max = 1; // nothing to do, and done with it: full
-    item.progress.value = 1;
-  } else {
-    item.progress.removeAttribute("value"); // indeterminate: the total is not counted yet
-  }
-  item.counts.textContent = `${job.done}/${job.total}, ${job.failed} failed`;
-
-  const rate = job.state === "running" && job.rate > 0 ? rateText(job) : "";
-  item.rate.textContent = rate;
-  item.rate.hidden = !rate;
-  item.reason.textContent = job.reason ?? "";
-  item.reason.hidden = !job.reason;
-
-  // Absent, not hidden, once finished: a finished job has nothing to cancel.
-  if (finished) item.cancel.remove();
-  else if (!item.cancel.isConnected) item.actions.append(item.cancel);
-
-  const errors = job.errors ?? [];
-  item.errors.hidden = !errors.length;
-  if (errors.length !== item.errorCount) {
-    item.errorCount = errors.length;
-    item.errorsSummary.textContent = errors.length === 1 ? "1 error" : `${errors.length} errors`;
-    const rows = errors.map((error) =>
-      el("li", {}, el("span", { className: "job-error-source" }, error.source), `: ${error.reason}`),
-    );
-    item.errorList.replaceChildren(...rows);
-  }
-}
-
-function rateText(job) {
-  const remaining = Math.max(0, job.total - job.done - job.failed);
-  const eta = remaining > 0 ? `, about ${formatDuration(remaining / job.rate)} left` : "";
-  return `${job.rate.toFixed(job.rate < 10 ? 1 : 0)} items/s${eta}`;
-}
-
-jobsView.list.addEventListener("click", async (event) => {
-  const button = event.target.closest(".job-cancel");
-  if (!button) return;
-  const id = button.closest(".job").dataset.jobId;
-  button.disabled = true;
-  try {
-    const job = await api.cancelJob(id);
-    showJob(job);
-  } catch (error) {
-    setJobMessage(errorText(error, "cancel jobs", "write"));
-  } finally {
-    button.disabled = false; // the row drops the button once the job has ended
-  }
-  pollJobsSoon();
-});
-
-/** Only the fields of the chosen kind are shown: the others do not apply to it. */
-function showJobFields() {
-  for (const field of jobsView.form.querySelectorAll("[data-for-kind]")) {
-    field.hidden = field.dataset.forKind !== jobsView.kind.value;
-  }
-}
-
-jobsView.kind.addEventListener("change", showJobFields);
-
-function updateJobCollectionHint() {
-  jobsView.collection.placeholder = controls.collection.value || "the server's default";
-}
-
-/** The job request the form describes, or a problem to fix first. */
-function jobRequest() {
-  const kind = jobsView.kind.value;
-  const body = { kind };
-  const collection = jobsView.collection.value.trim() || controls.collection.value;
-  if (collection) body.collection = collection;
-  if (kind === "index") {
-    const paths = jobsView.paths.value
-      .split("\n")
-      .map((line) => line.trim())
-      .filter(Boolean);
-    if (!paths.length) return { problem: "List at least one folder or file on the server, one per line." };
-    body.paths = paths;
-  } else if (kind === "tag") {
-    const labels = splitList(jobsView.labels.value);
-    if (labels.length) body.labels = labels;
-    if (jobsView.verify.checked) body.verify = true;
-  } else if (kind === "caption" && jobsView.force.checked) {
-    body.force = true;
-  }
-  return { body };
-}
-
-jobsView.form.addEventListener("submit", async (event) => {
-  event.preventDefault();
-  if (!currentKey()) {
-    setJobMessage("Enter an API key above to submit jobs.");
-    return;
-  }
-  const { body, problem } = jobRequest();
-  if (problem) {
-    setJobMessage(problem);
-    return;
-  }
-  jobsView.submit.disabled = true;
-  setJobMessage("Submitting…");
-  try {
-    const job = await api.submitJob(body);
-    setJobMessage(`Submitted the ${job.kind} job on "${job.collection}".`);
-    showJob(job);
-    if (jobs.polling) pollJobsSoon();
-    else resumeJobsPolling();
-  } catch (error) {
-    setJobMessage(errorText(error, "submit jobs", "write"));
-  } finally {
-    jobsView.submit.disabled = false;
   }
 });
 

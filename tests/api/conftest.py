@@ -13,7 +13,6 @@ import http.server
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from core.keys import KeyStore
 from core.service import Service
 from core.settings import Settings
 from models.shapes_world import generate_scenes, write_collection
+from tests.processes import stop
 
 if (
     not (SHIPPED_CLIP_MODELS["shapes-clip"] / "open_clip_config.json").exists()
@@ -152,13 +152,7 @@ def start_server(data_dir: Path, log: Path, **settings: str) -> Server:
 
 
 def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait()
+    stop(server.process, timeout=20)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,6 @@ Its own server and Redis database (12), so that the worker takes no task another
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +14,6 @@ import redis
 
 from models.shapes_world import generate_scenes, write_collection
 from tests.api.conftest import (
-    REPO_ROOT,
-    VLSEARCH,
     Keys,
     Server,
     Template,
@@ -27,6 +22,7 @@ from tests.api.conftest import (
     start_server,
     stop_server,
 )
+from tests.processes import start_worker, stop
 
 WORKER_REDIS = "redis://127.0.0.1:6379/12"
 
@@ -49,27 +45,8 @@ def test_searches_while_a_worker_job_writes_see_a_consistent_collection(
     folder = tmp_path / "arriving"
     write_collection(generate_scenes("test", 40, seed=77), folder, size=64)
     env = server_env(job_server.data_dir, redis_url=WORKER_REDIS, chunk_size="4")
-    log = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen(
-        # chunks start half a second late (tests/workers/slow_chunks.py): the job lasts long enough to search during
-        [
-            VLSEARCH,
-            "worker",
-            "--queues",
-            "embed",
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "warning",
-            "--include",
-            "tests.workers.slow_chunks",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # chunks start half a second late (tests/workers/slow_chunks.py): the job lasts long enough to search during
+    worker = start_worker(env, tmp_path / "worker.log", include=["tests.workers.slow_chunks"])
     counts: list[int] = []
     try:
         with job_server.client(keys.write) as client:
@@ -97,8 +74,6 @@ def test_searches_while_a_worker_job_writes_see_a_consistent_collection(
             assert job.json()["state"] == "done" and job.json()["done"] == 40, job.json()
             final = client.get("/v1/collections/arriving").json()["count"]
     finally:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
-        log.close()
+        stop(worker, timeout=0)  # SIGKILL at once: the job is over or the test failed
     assert counts == sorted(counts) and final == 40, counts
     assert len(counts) >= 3 and counts[0] < 40, f"the searches did not overlap the job: {counts}"

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from cli.demo import main
+from tests.processes import stop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,11 +108,5 @@ def test_demo_serves_the_api_and_its_printed_curl_finds_hits(tmp_path: Path) -> 
             page = client.get(f"http://127.0.0.1:{port}/")  # and the page, which asks for that key
             assert page.status_code == 200 and 'id="api-key"' in page.text
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop(process, timeout=20)
     assert process.returncode in (0, -signal.SIGTERM)  # shut down on SIGTERM (uvicorn re-raises it once done)

@@ -7,10 +7,8 @@ Each test leaves a screenshot of its page in test-results/web/<test>.png.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +23,6 @@ from core.service import Service
 from models.shapes_world import generate_scenes, write_collection
 from tests.api.conftest import (
     REPO_ROOT,
-    VLSEARCH,
     Client,
     Server,
     model_settings,
@@ -33,6 +30,7 @@ from tests.api.conftest import (
     start_server,
     stop_server,
 )
+from tests.processes import start_worker, stop
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -140,33 +138,9 @@ def worker(site: Site, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A `vlsearch worker` on the embed queue of the site's Redis; each chunk starts half a second late
     (tests/workers/slow_chunks.py), so that a job lasts long enough to be cancelled."""
     env = server_env(site.server.data_dir, redis_url=REDIS_URL, chunk_size="4")
-    with (tmp_path / "worker.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                VLSEARCH,
-                "worker",
-                "--queues",
-                "embed",
-                "--concurrency",
-                "1",
-                "--loglevel",
-                "warning",
-                "--include",
-                "tests.workers.slow_chunks",
-            ],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_worker(env, tmp_path / "worker.log", include=["tests.workers.slow_chunks"])
     yield process
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop(process)
 
 
 def scene_copy(site: Site, name: str, target: Path) -> Path:

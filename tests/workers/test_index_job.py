@@ -21,11 +21,13 @@ import redis
 
 from core.service import Service
 from core.settings import Settings
+from tests.processes import start_worker, stop
 from workers.jobs import JobStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = "redis://127.0.0.1:6379/8"
 VLSEARCH = [str(Path(sys.executable).parent / "vlsearch")]  # the installed console script
+SLOW_CHUNKS = "tests.workers.slow_chunks"  # its chunks start half a second late: a worker killed mid-chunk
 
 
 @pytest.fixture
@@ -48,23 +50,9 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def worker(env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115  # closed after the worker ends
-    process = subprocess.Popen(
-        [*VLSEARCH, "worker", "--queues", "embed", "--concurrency", "2", "--loglevel", "warning"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = start_worker(env, tmp_path / "worker.log", concurrency=2)
     yield process
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    log.close()
+    stop(process)
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -148,38 +136,6 @@ def many_images(root: Path, count: int) -> Path:
     return root
 
 
-def start_worker(
-    env: dict[str, str],
-    log_path: Path,
-    concurrency: int = 1,
-    queues: str = "embed",
-    slow: bool = False,
-    include: str | None = None,
-) -> subprocess.Popen[bytes]:
-    """A `vlsearch worker`; slow: its chunks start half a second late (tests/workers/slow_chunks.py), to be killed
-    in the middle of one; include: another test module its pool imports."""
-    modules = [name for name in ("tests.workers.slow_chunks" if slow else None, include) if name]
-    include_args = ["--include", ",".join(modules)] if modules else []
-    return subprocess.Popen(
-        [
-            *VLSEARCH,
-            "worker",
-            "--queues",
-            queues,
-            "--concurrency",
-            str(concurrency),
-            "--loglevel",
-            "info",
-            *include_args,
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log_path.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
 def kill(worker: subprocess.Popen[bytes]) -> None:
     """SIGKILL the worker and its pool (its process group), as an out-of-memory kill would, and reap it."""
     os.killpg(worker.pid, signal.SIGKILL)
@@ -221,7 +177,7 @@ def test_a_pool_child_killed_mid_chunk_has_its_chunk_delivered_again_and_the_job
     env: dict[str, str], tmp_path: Path
 ) -> None:
     folder = many_images(tmp_path / "many", 40)
-    worker = start_worker(env, tmp_path / "worker.log", slow=True)
+    worker = start_worker(env, tmp_path / "worker.log", include=[SLOW_CHUNKS])
     try:
         job = json.loads(cli(env, "submit", "index", str(folder), "-c", "photos", "--json").stdout)
         chunk = wait_for_a_chunk_in_progress(job["id"])
@@ -244,14 +200,14 @@ def test_a_whole_worker_killed_mid_job_leaves_its_chunk_to_the_next_worker_after
 ) -> None:
     env = {**env, "VLSEARCH_VISIBILITY_TIMEOUT": "4"}
     folder = many_images(tmp_path / "many", 40)
-    first = start_worker(env, tmp_path / "worker.log", slow=True)
+    first = start_worker(env, tmp_path / "worker.log", include=[SLOW_CHUNKS])
     job = json.loads(cli(env, "submit", "index", str(folder), "-c", "photos", "--json").stdout)
     try:
         wait_for_a_chunk_in_progress(job["id"])
     finally:
         kill(first)  # the worker and its pool: nothing acknowledges the message
     assert json.loads(cli(env, "job", job["id"], "--json").stdout)["state"] == "running"
-    second = start_worker(env, tmp_path / "worker.log", slow=True)
+    second = start_worker(env, tmp_path / "worker.log", include=[SLOW_CHUNKS])
     try:
         record = wait_for_end(env, job["id"], tmp_path)
         assert (record["state"], record["done"], record["failed"], record["chunks_done"]) == ("done", 40, 0, 10)
@@ -343,7 +299,7 @@ def test_the_same_chunk_delivered_twice_changes_neither_the_store_nor_the_counts
 @pytest.mark.slow
 def test_cancel_stops_a_running_job_and_no_chunk_after_the_flag_writes(env: dict[str, str], tmp_path: Path) -> None:
     folder = many_images(tmp_path / "many", 40)
-    worker = start_worker(env, tmp_path / "worker.log", slow=True)
+    worker = start_worker(env, tmp_path / "worker.log", include=[SLOW_CHUNKS])
     client = redis.Redis.from_url(REDIS_URL)
     try:
         job = json.loads(cli(env, "submit", "index", str(folder), "-c", "photos", "--json").stdout)
@@ -375,7 +331,7 @@ def test_a_chunk_that_kills_its_worker_every_time_is_failed_after_the_maximum_at
     env = {**env, "VLSEARCH_MAX_CHUNK_ATTEMPTS": "2"}
     folder = many_images(tmp_path / "many", 8)  # chunks of 4: c0 = 000..003, c1 = 004..007
     (folder / "004.png").rename(folder / "poison.png")  # sorted last: c1 = 005, 006, 007, poison
-    worker = start_worker(env, tmp_path / "worker.log", include="tests.workers.poison_chunks")
+    worker = start_worker(env, tmp_path / "worker.log", include=["tests.workers.poison_chunks"])
     try:
         job = json.loads(cli(env, "submit", "index", str(folder), "-c", "photos", "--json").stdout)
         record = wait_for_end(env, job["id"], tmp_path)
@@ -532,7 +488,9 @@ def test_each_pool_child_runs_torch_on_its_share_of_the_cores(
     folder.mkdir()
     env = {**env, "VLSEARCH_TEST_THREADS_DIR": str(folder)}
     env.pop("OMP_NUM_THREADS")
-    worker = start_worker(env, tmp_path / "worker.log", concurrency, include="tests.workers.report_threads")
+    worker = start_worker(
+        env, tmp_path / "worker.log", concurrency=concurrency, include=["tests.workers.report_threads"]
+    )
     try:
         deadline = time.monotonic() + 60
         while len(list(folder.iterdir())) < concurrency and time.monotonic() < deadline:
