@@ -6,13 +6,14 @@ from settings (k, offset, rerank_k) are checked by the routes, which know the se
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import quote
 
 from fastapi import UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, field_validator
 
 from core.service import Filter, HitView, Query, SearchMode
 
@@ -20,6 +21,7 @@ COLLECTION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$"
 IMAGE_ID_PATTERN = r"^[0-9a-f]{8,64}$"
 MAX_TEXT = 2000  # characters of a query text or question
 MAX_JOB_SOURCES = 10_000  # paths or URLs in one index job
+MAX_HISTORY = 50  # earlier turns of a conversation sent with a question
 
 ImageId = Annotated[str, Field(pattern=IMAGE_ID_PATTERN, description="An image id (hex of its content hash).")]
 
@@ -74,6 +76,19 @@ class SearchFilter(Strict):
     max_height: int | None = Field(default=None, ge=0)
     min_bytes: int | None = Field(default=None, ge=0)
     max_bytes: int | None = Field(default=None, ge=0)
+    taken_after: str | None = Field(
+        default=None, max_length=64, description="Taken at or after this ISO 8601 date (midnight) or datetime."
+    )
+    taken_before: str | None = Field(
+        default=None, max_length=64, description="Taken at or before this ISO 8601 date (midnight) or datetime."
+    )
+
+    @field_validator("taken_after", "taken_before")
+    @classmethod
+    def _iso_date(cls, value: str | None) -> str | None:
+        if value is not None:
+            datetime.fromisoformat(value.strip())  # ValueError: a 422 naming the field
+        return value
 
     def to_filter(self) -> Filter | None:
         flt = Filter(
@@ -86,6 +101,8 @@ class SearchFilter(Strict):
             max_height=self.max_height,
             min_bytes=self.min_bytes,
             max_bytes=self.max_bytes,
+            taken_after=self.taken_after,
+            taken_before=self.taken_before,
         )
         return None if flt.is_empty() else flt
 
@@ -124,6 +141,13 @@ class SearchOptions(Strict):
     rerank_k: int | None = Field(default=None, ge=1, description="Candidates to rescore (VLSEARCH_RERANK_K).")
     fusion_weight: float | None = Field(default=None, ge=0, le=1, description="1: rerank score alone; 0: CLIP alone.")
     captions: bool = Field(default=False, description="Caption the results with the generative model (cached).")
+    min_relevance: float | None = Field(
+        default=None, ge=0, le=1, allow_inf_nan=False,
+        description='Drop results whose P("Yes") of the generative model is below this (reranks the top rerank_k).',
+    )
+    sort: Literal["relevance", "date"] = Field(
+        default="relevance", description="relevance: by score; date: what passed the bounds, newest taken first."
+    )
 
     def query(self, default_rerank_k: int, default_fusion: float, **image: Any) -> Query:
         return Query(
@@ -141,6 +165,8 @@ class SearchOptions(Strict):
             fusion_weight=self.fusion_weight if self.fusion_weight is not None else default_fusion,
             captions=self.captions,
             mode=self.mode,
+            min_relevance=self.min_relevance,
+            sort=self.sort,
             **image,
         )
 
@@ -173,8 +199,9 @@ class HitOut(BaseModel):
     score: float = Field(description="CLIP cosine (clip), BM25 (keyword) or the fused rank score (hybrid).")
     rerank_score: float | None = Field(description="The generative model's score, when reranked.")
     final_score: float | None = Field(description="The score the hits are ordered by, when reranked.")
+    relevance: float | None = Field(default=None, description='P("Yes") of the generative model, with min_relevance.')
     caption: str | None = Field(description="This request's generative model's caption, when captions were asked.")
-    payload: dict[str, Any] = Field(description="width, height, bytes, format, tags, captions, source_name.")
+    payload: dict[str, Any] = Field(description="width, height, bytes, format, tags, captions, source_name, taken.")
     thumbnail_url: str
     image_url: str
 
@@ -188,6 +215,7 @@ class HitOut(BaseModel):
             score=hit.score,
             rerank_score=hit.rerank_score,
             final_score=hit.final_score,
+            relevance=hit.relevance,
             caption=hit.caption,
             payload={
                 "width": hit.width,
@@ -197,6 +225,7 @@ class HitOut(BaseModel):
                 "tags": hit.tags,
                 "captions": hit.captions,
                 "source_name": hit.source_name,
+                "taken": hit.taken,
             },
             thumbnail_url=f"{base}/thumbnail",
             image_url=base,
@@ -347,16 +376,36 @@ class JobList(BaseModel):
 # --- ask, health -----------------------------------------------------------------------------------------------
 
 
+class TurnIn(Strict):
+    """One earlier turn of a conversation about the image: a question and the answer it got."""
+
+    question: str = Field(min_length=1, max_length=MAX_TEXT)
+    answer: str = Field(max_length=MAX_TEXT)
+
+
+History = Annotated[
+    list[TurnIn],
+    Field(
+        max_length=MAX_HISTORY,
+        description="Earlier turns about the same image, oldest first; the oldest that do not fit the model's "
+        "context are dropped (turns_dropped in the answer).",
+    ),
+]
+
+
 class AskRequest(Strict):
     collection: str | None = None
     image_id: ImageId
     question: str = Field(min_length=1, max_length=MAX_TEXT)
+    history: History = Field(default_factory=list)
 
 
 class AnswerOut(BaseModel):
     image: str = Field(description="The image id asked about, or '<upload>'.")
     question: str
     answer: str
+    turns_used: int = Field(0, description="Earlier turns of the history the model read (the newest).")
+    turns_dropped: int = Field(0, description="The oldest turns of the history left out to fit the context.")
     model: str = Field(description="Identity of the generative model that answered.")
 
 

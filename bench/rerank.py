@@ -1,6 +1,7 @@
 """Reranking speed of DeepSeek-VL relevance scores: batched versus one by one, side by side in one run.
 
     .venv/bin/python bench/rerank.py [--candidates 20] [--method vqa] [--full-size [--full-candidates 2]] [--photos]
+                                     [--quantization [--quantization-layers 4]] [--threads N]
 
 A tiny and a small model (random weights, built offline with reranker.tiny, saved, loaded by the production
 loader) score the same candidates batched (one call, chunk_size = candidates) and one by one (one call each);
@@ -10,6 +11,10 @@ parameters, ~8 GB in fp32 on CPU). Random weights: speed and memory only, never 
 --photos: what search does before scoring, loading the candidates' files (12 MP JPEGs, bench/indexing.py's
 corpus), one by one in full against the way search loads them (JPEG draft to the model's `decode_side`, in
 parallel), for a model with DeepSeek-VL's 384 px input.
+--quantization: fp32 against VLSEARCH_VLM_QUANTIZATION=int8 on the CPU, a 1.3B-shaped model (real dimensions, random
+weights) with --quantization-layers of its 24 language and 24 vision layers, saved and loaded by the production
+loader: weight bytes (parameters and buffers), the process's resident growth, seconds per candidate, side by side;
+figures for all 24 layers scaled from the per-layer ones measured. --threads: torch threads (default: torch's own).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -40,6 +45,7 @@ from core.container import Container
 from core.settings import Settings
 from reranker.images import decode_side
 from reranker.model import VisionLanguageModel
+from reranker.quantization import weight_bytes
 from reranker.tiny import build_tiny_model, build_tiny_processor, save_tiny_model
 from retriever.query import load_images
 from retriever.store import Hit
@@ -128,6 +134,13 @@ _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _anonymous_bytes() -> int:
+    """The process's resident memory that is not a mapped file (RssAnon)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
 
 
 def make_images(count: int) -> list[Image.Image]:
@@ -227,6 +240,102 @@ def full_size_model(method: str) -> VisionLanguageModel:
     return VisionLanguageModel.from_components(model, processor, source="1.3b-shaped", score_method=method)
 
 
+class LayerClock:
+    """Seconds spent inside some modules (the repeated layers), summed over their calls, by forward hooks."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module]) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+        self._handles = []
+        for module in modules:
+            self._handles.append(module.register_forward_pre_hook(self._start))
+            self._handles.append(module.register_forward_hook(self._stop))
+
+    def _start(self, *_: Any) -> None:
+        self._started = time.perf_counter()
+
+    def _stop(self, *_: Any) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def compare_quantization(layers: int, count: int, method: str, repeats: int) -> None:
+    """fp32 against int8 on the CPU for a 1.3B-shaped model with `layers` language and vision layers, one run.
+
+    Both load from one saved directory through the production loader. Resident growth is read after a warm-up
+    call: fp32 weights stay memory-mapped from the file (resident once read, not anonymous memory); int8 ones, and
+    the float32 tensors beside them, are the process's own (the loader releases the file's mapping). Figures for
+    the real 24 + 24 layers: the rest of the model plus 24 times one layer's bytes, and the time outside the layers plus
+    24 / `layers` times the time inside them (every layer does the same work on the same sequence).
+    """
+    full_layers = FULL_SIZES["num_layers"]
+    sizes = {**FULL_SIZES, "num_layers": layers, "vision_layers": layers}
+    processor = build_tiny_processor(WORDS, image_size=FULL_IMAGE, patch_size=FULL_PATCH)
+    images = make_images(count)
+    rows: dict[str, dict[str, float]] = {}
+    scores: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as directory:
+        save_tiny_model(Path(directory), build_tiny_model(processor, seed=0, **sizes, vocab_size=FULL_VOCAB), processor)
+        for quantization in ("none", "int8"):
+            gc.collect()
+            if _LIBC is not None:
+                _LIBC.malloc_trim(0)
+            before, anon_before = _rss_bytes(), _anonymous_bytes()
+            started = time.perf_counter()
+            vlm = VisionLanguageModel(
+                directory, device="cpu", score_method=method, chunk_size=count, quantization=quantization
+            )
+            vlm.load()
+            load_seconds = time.perf_counter() - started
+            vlm.score(QUERY, images[:1])  # warm-up
+            gc.collect()
+            if _LIBC is not None:
+                _LIBC.malloc_trim(0)  # what loading freed (int8: each float32 weight once quantized) goes back
+            resident, anonymous = _rss_bytes() - before, _anonymous_bytes() - anon_before
+            inner = vlm.model.model
+            stacks = (inner.language_model.layers, inner.vision_model.encoder.layers)
+            repeated = [layer for stack in stacks for layer in stack]
+            per_layer = sum(weight_bytes(stack[0]) for stack in stacks)  # one language and one vision layer
+            clock = LayerClock(repeated)
+            best = (float("inf"), 0.0)
+            for _ in range(repeats):
+                clock.seconds = 0.0
+                started = time.perf_counter()
+                scores[quantization] = vlm.score(QUERY, images)
+                best = min(best, (time.perf_counter() - started, clock.seconds))
+            clock.remove()
+            total, in_layers = best
+            weights = weight_bytes(vlm.model)
+            rows["fp32" if quantization == "none" else "int8"] = {
+                "load s": load_seconds,
+                "weights GiB": weights / 2**30,
+                "RSS GiB": resident / 2**30,
+                "anon RSS GiB": anonymous / 2**30,
+                "s/candidate": total / count,
+                "24-layer weights GiB": (weights + (full_layers - layers) * per_layer) / 2**30,
+                "24-layer s/candidate": (total - in_layers + in_layers * full_layers / layers) / count,
+            }
+            del vlm, inner, stacks, repeated, clock
+    print(
+        f"\n1.3B-shaped model with {layers} of {full_layers} language and vision layers (576 image tokens), "
+        f"fp32 against int8 on the CPU: {count} candidates, method {method}, {torch.get_num_threads()} threads, "
+        f"best of {repeats}"
+    )
+    columns = list(rows["fp32"])
+    widths = {name: len(name) + 2 for name in columns}
+    print(f"  {'':<6}" + "".join(f"{name:>{widths[name]}}" for name in columns))
+    for label, row in rows.items():
+        print(f"  {label:<6}" + "".join(f"{row[name]:>{widths[name]}.3f}" for name in columns))
+    compared = [name for name in columns if name not in ("load s", "anon RSS GiB")]
+    ratio = {name: rows["fp32"][name] / rows["int8"][name] for name in compared}
+    print("  fp32 / int8: " + ", ".join(f"{name} {value:.2f}x" for name, value in ratio.items()))
+    difference = max(abs(a - b) for a, b in zip(scores["none"], scores["int8"], strict=True))
+    print(f"  largest score difference (random weights) {difference:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=int, default=20)
@@ -235,7 +344,13 @@ def main() -> None:
     parser.add_argument("--full-candidates", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="alternating runs of each mode (small models)")
     parser.add_argument("--photos", action="store_true", help="also time loading 12 MP candidates (cached corpus)")
+    parser.add_argument("--quantization", action="store_true", help="also fp32 against int8 on the CPU (1.3B-shaped)")
+    parser.add_argument("--quantization-layers", type=int, default=4, help="of the 1.3B shape's 24 (RAM and time)")
+    parser.add_argument("--quantization-candidates", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's own (one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     gpu = "none (CPU only; no GPU figures measured)"
     if torch.cuda.is_available():
@@ -256,6 +371,8 @@ def main() -> None:
         compare(full, make_images(args.full_candidates), args.method, label, repeats=1)
     if args.photos:
         compare_loading(args.candidates)
+    if args.quantization:
+        compare_quantization(args.quantization_layers, args.quantization_candidates, args.method, repeats=2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"\nprocess peak RSS over the whole run: {peak / 2**30:.2f} GiB")
 

@@ -1,7 +1,10 @@
-"""`vlsearch eval`: retrieval, rerank, caption and yes/no quality on held-out shapes-world scenes, with targets.
+"""`vlsearch eval`: retrieval, rerank, caption, question and yes/no quality on held-out shapes-world scenes, with
+targets.
 
 R@K is the fraction of queries with at least one relevant scene among the top K (queries with no relevant scene in
-the collection are left out). Rerank rescoring takes CLIP's top `rerank_k` candidates and reorders them.
+the collection are left out). Rerank rescoring takes CLIP's top `rerank_k` candidates and reorders them. Questions,
+VQAScore calibration and the relevance cutoff are measured as models.vlm_eval defines them (one definition for
+training, this command and the tests).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from core.container import Container
 from indexer.encoder import ClipEncoder
 from indexer.pipeline import index_images
 from indexer.sources import iter_sources
+from models import vlm_eval
 from models.shapes_world import (
     Scene,
     caption_is_complete,
@@ -43,7 +47,14 @@ TARGETS = {
     "rerank_relation_r1": 0.80,
     "rerank_relation_gain": 0.20,
     "caption_accuracy": 0.85,
+    "questions": 0.85,
+    "question_kind": 0.80,
+    "vqa_pairwise": 0.85,
+    "vqa_relation_gain": 0.20,
+    "cutoff_precision": 0.90,
+    "cutoff_recall": 0.80,
 }
+AT_MOST = {"vqa_ece": 0.10}  # targets that a figure must not exceed
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,9 @@ class SizeResult:
     caption_accuracy: float | None = None
     yes_no_accuracy: float | None = None  # P(Yes) > 0.5 on true captions and < 0.5 on their hard negatives
     pairwise: dict[str, float] = field(default_factory=dict)  # method -> true caption scored above each hard negative
+    questions: dict[str, float] = field(default_factory=dict)  # "questions" overall, "q <kind>" per question kind
+    vqa_ece: float | None = None  # expected calibration error of P("Yes"), 10 bins
+    cutoff: dict[str, float] = field(default_factory=dict)  # precision / recall of P("Yes") >= 0.5 among candidates
     queries: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -141,6 +155,9 @@ def evaluate_size(
                 order = sorted(range(len(top)), key=lambda j: -scores[j])
                 reranked.append([top[j] for j in order] + ranked[config.rerank_k :])
             result.recall[ranker][kind] = recall_at(reranked, relevant)
+        if kind == "relation" and vlm is not None and config.rerank:
+            candidates = np.array([ranked[: config.rerank_k] for ranked in clip_ranked])
+            result.cutoff = vlm_eval.cutoff_figures(vlm, image, relevant, candidates, texts)
     if vlm is not None:
         probe = list(range(min(config.caption_scenes, len(scenes))))
         captions = vlm.caption([image(i) for i in probe])
@@ -148,6 +165,10 @@ def evaluate_size(
             np.mean([caption_is_complete(scenes[i], c) for i, c in zip(probe, captions, strict=True)])
         )
         result.yes_no_accuracy, result.pairwise = _yes_no(vlm, [(scenes[i], image(i)) for i in probe], config.methods)
+        probe_scenes = [scenes[i] for i in probe]
+        result.questions = vlm_eval.question_accuracy(vlm, probe_scenes, config.sizes[0], seed=config.seed)
+        _, probabilities, truths = vlm_eval.vqa_pairs(vlm, probe_scenes, config.sizes[0], seed=config.seed)
+        result.vqa_ece = vlm_eval.expected_calibration_error(probabilities, truths)
     store.close()
     result.seconds = time.perf_counter() - started
     return result
@@ -220,13 +241,41 @@ def check_targets(results: Sequence[SizeResult], default_method: str | None) -> 
             )
             gain = rerank_r1 - clip["relation"]["R@1"]
             rows.append(_target(r.size, "rerank relation R@1 gain over CLIP", gain, TARGETS["rerank_relation_gain"]))
+        if "rerank_vqa" in r.recall:
+            gain = r.recall["rerank_vqa"]["relation"]["R@1"] - clip["relation"]["R@1"]
+            rows.append(_target(r.size, "vqa rerank relation R@1 gain", gain, TARGETS["vqa_relation_gain"]))
         if r.caption_accuracy is not None:
             rows.append(_target(r.size, "captions fully correct", r.caption_accuracy, TARGETS["caption_accuracy"]))
+        if "vqa" in r.pairwise:
+            rows.append(
+                _target(r.size, "vqa true caption over each hard swap", r.pairwise["vqa"], TARGETS["vqa_pairwise"])
+            )
+        if r.vqa_ece is not None:
+            rows.append(
+                _target(r.size, "P(Yes) expected calibration error", r.vqa_ece, AT_MOST["vqa_ece"], at_most=True)
+            )
+        if r.questions:
+            rows.append(_target(r.size, "questions answered exactly", r.questions["questions"], TARGETS["questions"]))
+            for name, value in r.questions.items():
+                if name != "questions":
+                    rows.append(
+                        _target(r.size, f"questions: {name.removeprefix('q ')}", value, TARGETS["question_kind"])
+                    )
+        for name, value in r.cutoff.items():
+            rows.append(_target(r.size, f"{name} (P(Yes) >= 0.5)", value, TARGETS[name.replace(" ", "_")]))
     return rows
 
 
-def _target(size: int, name: str, value: float, threshold: float) -> dict[str, Any]:
-    return {"size": size, "target": name, "value": round(value, 4), "threshold": threshold, "met": value >= threshold}
+def _target(size: int, name: str, value: float, threshold: float, at_most: bool = False) -> dict[str, Any]:
+    met = value <= threshold if at_most else value >= threshold
+    return {
+        "size": size,
+        "target": name,
+        "value": round(value, 4),
+        "threshold": threshold,
+        "met": met,
+        "at_most": at_most,
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -246,12 +295,25 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  yes/no accuracy on true captions and hard negatives: {sized['yes_no_accuracy']:.3f}")
             for method, value in sized["pairwise"].items():
                 lines.append(f"  true caption above each hard negative ({method}): {value:.3f}")
+            if sized["questions"]:
+                lines.append(
+                    "  questions answered exactly: "
+                    + ", ".join(f"{name.removeprefix('q ')} {value:.3f}" for name, value in sized["questions"].items())
+                )
+            if sized["vqa_ece"] is not None:
+                lines.append(f"  P(Yes) expected calibration error (10 bins): {sized['vqa_ece']:.3f}")
+        if sized["cutoff"]:
+            lines.append(
+                "  relevance cutoff P(Yes) >= 0.5 among relation candidates: "
+                + ", ".join(f"{name.removeprefix('cutoff ')} {value:.3f}" for name, value in sized["cutoff"].items())
+            )
         lines.append(f"  time: {sized['seconds']:.1f}s")
     lines.append("\ntargets")
     for row in report["targets"]:
         mark = "met" if row["met"] else "MISSED"
         lines.append(
-            f"  {row['size']:>4} px  {row['target']:<40} {row['value']:>7.3f}  (>= {row['threshold']})  {mark}"
+            f"  {row['size']:>4} px  {row['target']:<40} {row['value']:>7.3f}  "
+            f"({'<=' if row['at_most'] else '>='} {row['threshold']})  {mark}"
         )
     lines.append(f"\nwall time: {report['seconds']:.1f}s")
     return "\n".join(lines)

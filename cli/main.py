@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cli.render import hit_rows, print_hits, print_table
 from core.container import Container, StoreKind, build_settings
-from core.service import Filter, HitView, InvalidQuery, Query, SearchMode, Service, VlsearchError
+from core.service import Filter, HitView, InvalidQuery, Query, SearchMode, Service, SortOrder, VlsearchError
 
 app = typer.Typer(
     name="vlsearch",
@@ -204,9 +204,17 @@ def index(
 
 
 def make_filter(
-    path_prefix: str | None, tags: list[str] | None, all_tags: list[str] | None, bounds: dict[str, int | None]
+    path_prefix: str | None,
+    tags: list[str] | None,
+    all_tags: list[str] | None,
+    bounds: dict[str, int | None],
+    taken_after: str | None = None,
+    taken_before: str | None = None,
 ) -> Filter | None:
-    flt = Filter(path_prefix=path_prefix, tags_any=tuple(tags or ()), tags_all=tuple(all_tags or ()), **bounds)
+    flt = Filter(
+        path_prefix=path_prefix, tags_any=tuple(tags or ()), tags_all=tuple(all_tags or ()), **bounds,
+        taken_after=taken_after, taken_before=taken_before,
+    )  # fmt: skip
     return None if flt.is_empty() else flt
 
 
@@ -238,6 +246,19 @@ def search_command(
     max_height: SizeOpt = None,
     min_bytes: SizeOpt = None,
     max_bytes: SizeOpt = None,
+    taken_after: Annotated[
+        str | None, typer.Option("--taken-after", help="Only images taken at or after this ISO date or datetime.")
+    ] = None,
+    taken_before: Annotated[
+        str | None, typer.Option("--taken-before", help="Only images taken at or before this ISO date or datetime.")
+    ] = None,
+    min_relevance: Annotated[
+        float | None,
+        typer.Option("--min-relevance", help='Drop results whose P("Yes") is below this (reranks the top rerank-k).'),
+    ] = None,
+    sort: Annotated[
+        SortOrder, typer.Option("--sort", help="relevance: by score; date: what passed the bounds, newest first.")
+    ] = "relevance",
     rerank: Annotated[
         bool, typer.Option("--rerank", help="Rescore the top candidates with the generative model.")
     ] = False,
@@ -278,12 +299,14 @@ def search_command(
             k=k,
             offset=offset,
             min_score=min_score,
-            filter=make_filter(path_prefix, tag, all_tags, bounds),
+            filter=make_filter(path_prefix, tag, all_tags, bounds, taken_after, taken_before),
             rerank=rerank,
             rerank_k=rerank_k if rerank_k is not None else settings.rerank_k,
             fusion_weight=fusion_weight if fusion_weight is not None else settings.fusion_weight,
             captions=captions,
             mode=mode,
+            min_relevance=min_relevance,
+            sort=sort,
             **(service.query_image(image).fields() if image else {}),
         )
         result = service.search(query, collection)
@@ -508,6 +531,7 @@ def eval_command(
 
 
 # The job commands (worker, submit, jobs, job) live in cli/jobs.py and register themselves on `app`.
+from cli import chat as _chat_command  # noqa: E402, F401  (chat: a conversation about one image)
 from cli import jobs as _job_commands  # noqa: E402, F401
 from cli import keys as _key_commands  # noqa: E402, F401  (keys create|list|revoke)
 from cli import serve as _serve_command  # noqa: E402, F401  (serve: the HTTP API)

@@ -23,6 +23,8 @@ def hit_rows(hits: Sequence[HitView]) -> list[dict[str, Any]]:
             "score": round(hit.score, 6),
             "rerank_score": None if hit.rerank_score is None else round(hit.rerank_score, 6),
             "final_score": None if hit.final_score is None else round(hit.final_score, 6),
+            "relevance": None if hit.relevance is None else round(hit.relevance, 6),
+            "taken": hit.taken,
             "width": hit.width,
             "height": hit.height,
             "tags": hit.tags,

@@ -99,6 +99,7 @@ class Container:
             device=self.settings.vlm_device,
             dtype=self.settings.vlm_dtype,
             device_map=self.settings.vlm_device_map,
+            quantization=self.settings.vlm_quantization,
             score_method=self.settings.vlm_score_method,
             chunk_size=self.settings.vlm_chunk_size,
             max_new_tokens=self.settings.vlm_max_new_tokens,

@@ -35,10 +35,12 @@ from indexer.pipeline import FileFailure, IndexReport, content_id, index_images
 from indexer.sources import IMAGE_EXTENSIONS, ImageBytes, iter_sources
 from indexer.writer import detach_path
 from reranker.model import VisionLanguageModel
+from reranker.prompts import Turn
+from reranker.scoring import VQA
 from reranker.tags import verify_tags
 from retriever.dupes import near_duplicate_groups
 from retriever.errors import CollectionExists, InvalidQuery, PointNotFound
-from retriever.query import SEARCH_MODES, Query, SearchMode, add_captions, search
+from retriever.query import SEARCH_MODES, Query, SearchMode, SortOrder, add_captions, search
 from retriever.store import Filter, Hit, Payload, Record, VectorStore, checked_query_vector, copy_points
 from retriever.tagging import (
     Tag,
@@ -73,12 +75,24 @@ __all__ = [
     "SearchMode",
     "SearchResult",
     "Service",
+    "SortOrder",
     "StoreKind",
     "Thumbnail",
+    "Turn",
     "VlsearchError",
 ]
 
 ImageInput = str | Path | bytes | Image.Image  # a file, a stored id (str), uploaded bytes or a decoded image
+
+
+@dataclass(frozen=True)
+class _VqaScorer:
+    """The generative model's P("Yes") (method vqa), whatever its rerank method: what min_relevance bounds."""
+
+    model: VisionLanguageModel
+
+    def score(self, query: str, images: Sequence[Image.Image]) -> list[float]:
+        return self.model.score(query, images, method=VQA)
 
 
 # --- values returned -------------------------------------------------------------------------------------------
@@ -103,6 +117,8 @@ class HitView:
     captions: dict[str, str]  # {model identity: caption}
     caption: str | None = None
     source_name: str | None = None  # the name an image indexed from bytes came under
+    relevance: float | None = None  # P("Yes") of the generative model, when the query set min_relevance
+    taken: str | None = None  # when the picture was taken (payload `taken`, "YYYY-MM-DDTHH:MM:SS")
 
     @classmethod
     def of(cls, hit: Hit, caption_model: str | None = None) -> HitView:
@@ -123,6 +139,8 @@ class HitView:
             captions=captions,
             caption=captions.get(caption_model) if caption_model else None,
             source_name=payload.get("source_name"),
+            relevance=hit.relevance,
+            taken=payload.get("taken"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +236,8 @@ class Answer:
     image: str  # as given: a file, an id, or the name of uploaded bytes
     question: str
     answer: str
+    turns_used: int = 0  # earlier turns of the conversation the model read (the newest)
+    turns_dropped: int = 0  # the oldest earlier turns left out to fit the model's context
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -484,7 +504,10 @@ class Service:
         if query.image_id is not None and not store.get([query.image_id]):
             raise PointNotFound(f"no image with id {query.image_id!r} in collection {store.name!r}")
         encoder = container.encoder_for(store)
-        vlm = self._vlm() if query.rerank or query.captions else None
+        vlm = self._vlm() if query.reranks or query.captions else None
+        relevance = None
+        if vlm is not None and query.min_relevance is not None:
+            relevance = vlm if vlm.score_method == VQA else _VqaScorer(vlm)  # the rerank scores are reused when vqa
         hits = search(
             store,
             encoder,
@@ -494,6 +517,7 @@ class Service:
             captioner=vlm,
             load_hit_image=container.hit_image_loader(vlm),
             image_workers=self.settings.image_workers,
+            relevance_scorer=relevance,
         )
         caption_model = vlm.identity if vlm is not None and query.captions else None
         return SearchResult(store.name, [HitView.of(hit, caption_model) for hit in hits], caption_model)
@@ -719,11 +743,19 @@ class Service:
         records = self.store(collection).get(list(ids))
         return [record.id for record in records if identity not in (record.payload.get("captions") or {})]
 
-    def ask(self, image: ImageInput, question: str, collection: str | None = None) -> Answer:
-        """The generative model's answer to a question about one image (a file, a stored id, bytes)."""
+    def ask(
+        self, image: ImageInput, question: str, collection: str | None = None, history: Sequence[Turn] = ()
+    ) -> Answer:
+        """The generative model's answer to a question about one image (a file, a stored id, bytes), after the
+        earlier (question, answer) turns `history` about it, oldest first; the oldest that do not fit are dropped."""
         label = image if isinstance(image, str) else str(image) if isinstance(image, Path) else "<upload>"
         picture = self._image(image, collection, neither=True)
-        return Answer(label, question, self._vlm().ask(picture, question))
+        reply = self._vlm().converse(picture, question, history)
+        return Answer(label, question, reply.answer, reply.turns_used, reply.turns_dropped)
+
+    def resolve_image(self, image: ImageInput, collection: str | None = None) -> Image.Image:
+        """The picture `ask` reads for `image` (a file, a stored id, bytes), decoded once: a conversation's."""
+        return self._image(image, collection, neither=True)
 
     # --- images ----------------------------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     vlm_device: str = "auto"
     vlm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     vlm_device_map: str | None = None  # e.g. "auto" to spread a model larger than one GPU
+    # Weights quantized at load: int8 (CUDA: bitsandbytes, the `gpu` extra; CPU: torchao) or nf4 (CUDA only).
+    vlm_quantization: Literal["none", "int8", "nf4"] = "none"
     vlm_score_method: Literal["vqa", "caption"] | None = None  # None: the model's own preference, else vqa
     vlm_chunk_size: int = Field(default=8, ge=1)  # candidates per forward: bounds peak memory
     vlm_max_new_tokens: int = Field(default=32, ge=1)

@@ -7,6 +7,7 @@ import io
 import os
 import stat
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from PIL import (  # noqa: F401  (importing a plugin registers it, so Image.open
 )
 
 from indexer.errors import CorruptImage, DecodeError, ImageTooLarge, UnreadableFile, UnsupportedImage
+from indexer.payloads import taken_form
 
 # DecodeLimits.max_pixels is the limit. Pillow's own check is process-wide (it cannot follow per-call limits
 # from a thread pool) and only warns between 1x and 2x its threshold, so it is switched off once, here.
@@ -30,6 +32,11 @@ Image.MAX_IMAGE_PIXELS = None
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _BMP_DIB_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})  # BITMAPCOREHEADER .. BITMAPV5HEADER
 _HEAD_BYTES = 32  # enough for every magic number below and the WebP canvas size
+_EXIF_IFD = 0x8769  # the Exif sub-IFD of IFD0
+# In it: when the picture was taken, "YYYY:MM:DD HH:MM:SS". IFD0's DateTime (306) is not a fallback: it is when the
+# file was last changed, rewritten by every editor that saves it, so it says no more than the file's mtime.
+_DATETIME_ORIGINAL = 36867
+_EXIF_TIME = "%Y:%m:%d %H:%M:%S"
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class DecodedImage:
     width: int  # of the original image, after orientation
     height: int
     format: str  # "JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"
+    taken: str | None = None  # EXIF DateTimeOriginal in the payload's `taken` form, when present and valid
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -149,6 +157,7 @@ def decode_image(
                 opened.draft("RGB", (draft_size, draft_size))
             opened.load()
             stored_size = opened.size
+            taken = exif_taken(opened)
             _apply_orientation(opened)
             if opened.size != stored_size:  # turned by 90 degrees
                 width, height = height, width
@@ -163,7 +172,7 @@ def decode_image(
         raise ImageTooLarge(source, f"out of memory decoding this {fmt}") from error
     except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, EOFError...
         raise CorruptImage(source, f"broken {fmt} data: {error}") from error
-    return DecodedImage(image=rgb, width=width, height=height, format=fmt)
+    return DecodedImage(image=rgb, width=width, height=height, format=fmt, taken=taken)
 
 
 def load_image(
@@ -174,6 +183,20 @@ def load_image(
 ) -> DecodedImage:
     """Read and decode one image file (read_image_file then decode_image)."""
     return decode_image(read_image_file(path, limits), path, limits, draft_size, background)
+
+
+def exif_taken(image: Image.Image) -> str | None:
+    """EXIF DateTimeOriginal (tag 36867 of the Exif IFD) as "YYYY-MM-DDTHH:MM:SS"; None when it is missing,
+    not a valid "YYYY:MM:DD HH:MM:SS" time, or the EXIF cannot be read (never an error: the pixels still count)."""
+    try:
+        value = image.getexif().get_ifd(_EXIF_IFD).get(_DATETIME_ORIGINAL)
+        if isinstance(value, bytes):
+            value = value.decode("ascii")
+        if not isinstance(value, str):
+            return None
+        return taken_form(datetime.strptime(value.strip("\x00 ")[:19], _EXIF_TIME))
+    except Exception:
+        return None
 
 
 def _apply_orientation(image: Image.Image) -> None:

@@ -3,13 +3,18 @@ stores, so that no one writes back a whole payload read earlier and loses what a
 
 At the bottom of the dependency graph beside the errors: the pipeline (`indexer`) writes with it, the stores
 (`retriever`) apply it. A payload's keys: `paths` (list[str], every file with these bytes), `width`, `height`,
-`bytes`, `mtime`, `format`; `blob` and `source_name` for images indexed from bytes; later `tags` (list[str]) and
-`captions` ({model identity: text}).
+`bytes`, `mtime`, `format`, `taken`; `blob` and `source_name` for images indexed from bytes; later `tags` (list[str])
+and `captions` ({model identity: text}).
+
+`taken` is when the picture was taken, in one comparable naive form, "YYYY-MM-DDTHH:MM:SS" (`TAKEN_FORMAT`): the EXIF
+DateTimeOriginal as written by the camera (its local time, no zone), else the file's mtime in UTC, else (bytes, URLs)
+the time of indexing in UTC. Strings of this form order as the times they name, so filters compare them as strings.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from indexer.errors import InvalidQuery
@@ -18,6 +23,27 @@ Payload = dict[str, Any]
 
 LIST_FIELDS = ("paths", "tags")  # payload fields that hold a list of distinct strings
 CAPTIONS_FIELD = "captions"  # {model identity: caption}
+TAKEN_FIELD = "taken"  # when the picture was taken, TAKEN_FORMAT
+TAKEN_FORMAT = "%Y-%m-%dT%H:%M:%S"
+
+
+def taken_form(moment: datetime) -> str:
+    """A datetime in the payload's `taken` form: aware ones converted to UTC, seconds kept, fractions dropped."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.strftime(TAKEN_FORMAT)
+
+
+def parse_taken(text: str) -> str:
+    """An ISO 8601 date or datetime (a filter bound) in the `taken` form; a date means its midnight.
+
+    Raises InvalidQuery for anything else."""
+    try:
+        return taken_form(datetime.fromisoformat(str(text).strip()))  # a date alone parses as its midnight
+    except ValueError:
+        raise InvalidQuery(
+            f"{text!r} is not an ISO 8601 date or datetime (e.g. 2021-06-01 or 2021-06-01T12:30:00)"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from itertools import islice
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ import torch
 from indexer.decode import DecodeLimits, check_image_bytes, decode_image, read_image
 from indexer.encoder import ClipEncoder
 from indexer.errors import DecodeError, UnsupportedImage
-from indexer.payloads import PayloadUpdate
+from indexer.payloads import PayloadUpdate, taken_form
 from indexer.sources import ImageBytes, ImageSource
 from indexer.writer import BlobSink, ImageWriter, PayloadDict, detach_path
 
@@ -204,6 +205,10 @@ class _Run:
             "height": decoded.height,
             "bytes": len(read.data),
             "format": decoded.format,
+            # EXIF DateTimeOriginal, else the file's mtime (UTC), else (bytes) now: see indexer/payloads.py
+            "taken": decoded.taken or taken_form(
+                datetime.fromtimestamp(read.mtime, UTC) if read.mtime is not None else datetime.now(UTC)
+            ),
         }
         if read.path is not None:
             payload["mtime"] = read.mtime

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,6 +369,125 @@ def hard_negatives(caption: str | Caption) -> list[str]:
 def hard_negatives_for(scene: Scene, caption: str | Caption) -> list[str]:
     """The hard negatives of a relation caption that are false for the scene."""
     return [n for n in hard_negatives(caption) if not caption_is_true(scene, n)]
+
+
+# ---------------------------------------------------------------- questions (visual question answering)
+
+QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "size", "count", "exists", "relation", "what_relation")
+YES_NO_KINDS: tuple[str, ...] = ("exists", "relation")
+# Every word a question or an answer of the grammar uses beyond the caption vocabulary.
+QUESTION_WORDS: tuple[str, ...] = (
+    "what", "colour", "is", "the", "shape", "object", "size", "how", "many", "shapes", "are", "there",
+    "one", "two", "yes", "no", "nothing", "?",
+)
+_COUNT_WORDS = ("one", "two")
+_ARTICLE = re.compile(r"^(?:a|an|the)\s+")
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question of the grammar about a scene, and its exact answer."""
+
+    kind: str
+    text: str
+    answer: str
+    hard: bool = False  # a `no` made by swapping a colour or shape of the scene's, or by inverting a relation
+
+
+def _the(obj: SceneObject) -> str:
+    return f"the {obj.colour} {obj.shape}"
+
+
+def questions_for(scene: Scene) -> dict[str, list[Question]]:
+    """Every question the grammar defines for the scene, by kind (kinds with none are absent).
+
+    `exists` asks for each of the world's colour-shape pairs (yes for the scene's objects; a no is hard when it
+    shares the colour or the shape of one of them); `relation` asks each relation for each ordered pair of the
+    scene's objects (a no is hard when it inverts a relation that holds).
+    """
+    objects = scene.objects
+    found: dict[str, list[Question]] = {}
+
+    def add(kind: str, text: str, answer: str, hard: bool = False) -> None:
+        found.setdefault(kind, []).append(Question(kind, text, answer, hard))
+
+    for shape in SHAPES:
+        having = [o for o in objects if o.shape == shape]
+        if len(having) == 1:
+            add("colour", f"what colour is the {shape}?", having[0].colour)
+    for colour in COLOURS:
+        having = [o for o in objects if o.colour == colour]
+        if len(having) == 1:
+            add("shape", f"what shape is the {colour} object?", having[0].shape)
+    for obj in objects:  # colour and shape together name one object: no two objects share both
+        add("size", f"what size is {_the(obj)}?", obj.size)
+    add("count", "how many shapes are there?", _COUNT_WORDS[len(objects) - 1])
+    for colour in COLOURS:
+        for shape in SHAPES:
+            present = any((o.colour, o.shape) == (colour, shape) for o in objects)
+            swapped = any(o.colour == colour or o.shape == shape for o in objects)
+            add("exists", f"is there a {colour} {shape}?", "yes" if present else "no", not present and swapped)
+    for i, a in enumerate(objects):
+        for j, b in enumerate(objects):
+            if i == j:
+                continue
+            held = relations_between(a, b)
+            for relation in RELATIONS:
+                holds = relation in held
+                add("relation", f"is {_the(a)} {relation} {_the(b)}?", "yes" if holds else "no",
+                    not holds and INVERSE_RELATION[relation] in held)
+    for i, a in enumerate(objects):
+        for relation in RELATIONS:
+            others = [b for j, b in enumerate(objects) if j != i and relation in relations_between(b, a)]
+            answer = f"a {others[0].colour} {others[0].shape}" if others else "nothing"
+            add("what_relation", f"what is {relation} {_the(a)}?", answer)
+    return found
+
+
+def sample_question(scene: Scene, kind: str, rng: np.random.Generator, hard_fraction: float = 0.75) -> Question | None:
+    """One question of `kind` (None when the grammar defines none for the scene); yes/no kinds answer yes or no
+    with equal chance, and a no is a hard negative with probability `hard_fraction` where the scene has one."""
+    candidates = questions_for(scene).get(kind, [])
+    if not candidates:
+        return None
+    if kind in YES_NO_KINDS:
+        answer = "yes" if rng.random() < 0.5 else "no"
+        pool = [q for q in candidates if q.answer == answer]
+        if answer == "no":
+            hard = [q for q in pool if q.hard]
+            if hard and rng.random() < hard_fraction:
+                pool = hard
+        candidates = pool or candidates
+    return candidates[int(rng.integers(len(candidates)))]
+
+
+def question_set(scenes: Sequence[Scene], seed: int = 0, per_kind: int = 1) -> list[tuple[int, Question]]:
+    """A seeded evaluation set: per scene up to `per_kind` questions of every kind, as (scene index, question).
+
+    Yes/no kinds come out balanced (yes or no by coin flip per question, a hard no three times in four).
+    """
+    rng = np.random.default_rng([seed, 4721])
+    picked = []
+    for index, scene in enumerate(scenes):
+        for kind in QUESTION_KINDS:
+            for _ in range(per_kind):
+                question = sample_question(scene, kind, rng)
+                if question is not None:
+                    picked.append((index, question))
+    return picked
+
+
+def normalise_answer(text: str, expected: str) -> str:
+    """`text` lower-cased, punctuation stripped, a leading article dropped when `expected` has none."""
+    cleaned = " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+    if not _ARTICLE.match(expected.lower()):
+        cleaned = _ARTICLE.sub("", cleaned)
+    return cleaned
+
+
+def answer_is_correct(expected: str, given: str) -> bool:
+    """Whether `given` equals the expected answer after normalise_answer (the grammar's rule)."""
+    return normalise_answer(given, expected) == normalise_answer(expected, expected)
 
 
 # ---------------------------------------------------------------- splits

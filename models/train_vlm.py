@@ -1,4 +1,7 @@
-"""Train the tiny shapes-world DeepSeek-VL shipped in models/shapes-vlm/ and report its caption and rerank quality.
+"""Stage 1 of the tiny shapes-world DeepSeek-VL: from random weights to captions (models/shapes-vlm-captions/).
+
+Stage 2 (`models.train_vlm_questions`) continues from this checkpoint to answer questions and say Yes/No; its
+output, models/shapes-vlm/, is the shipped model. Stage 1 keeps its own checkpoint so that stage 2 can be re-run.
 
 What it does, in one command (`.venv/bin/python -m models.train_vlm`):
 1. builds a `DeepseekVLForConditionalGeneration` with a small config and its processor through `reranker.tiny`
@@ -78,7 +81,7 @@ from reranker.prompts import DEFAULT_CAPTION_PROMPT, VQA_QUESTION, expand_image_
 from reranker.scoring import CAPTION, SCORE_METHODS, VQA
 from reranker.tiny import build_tiny_model, build_tiny_processor, save_tiny_model
 
-CHECKPOINT_DIR = MODELS_DIR / "shapes-vlm"
+CHECKPOINT_DIR = MODELS_DIR / "shapes-vlm-captions"  # stage 2 reads it; models/shapes-vlm is stage 2's
 CLIP_DIR = MODELS_DIR / "shapes-clip"
 WORDS: tuple[str, ...] = (*SIZES, *COLOURS, *SHAPES, *RELATIONS, "a")
 IMAGE_SIZE = 64
@@ -401,8 +404,17 @@ def training_step(model: DeepseekVLForConditionalGeneration, pixels: torch.Tenso
 
     `patches` is (head, labels, weight): adds the weighted patch-reading loss of the batch's images.
     """
-    features = model.model.get_image_features(pixels.float(), return_dict=True).pooler_output
+    features, output = forward_rows(model, pixels, batch)
     extra = patches[2] * patches[0].loss(features, patches[1]) if patches is not None else 0.0
+    losses = F.cross_entropy(output.logits.float().transpose(1, 2), batch.labels, ignore_index=-100, reduction="none")
+    return (losses * batch.weights).sum() + extra
+
+
+def forward_rows(model: DeepseekVLForConditionalGeneration, pixels: torch.Tensor, batch: Batch,
+                 hidden_states: bool = False) -> tuple[torch.Tensor, Any]:
+    """The batch's image features and the model's output for its rows: each image encoded once, the rows'
+    shared prefix run once and its keys and values shared by every row."""
+    features = model.model.get_image_features(pixels.float(), return_dict=True).pooler_output
     text_config: Any = model.config.text_config
     cache = DynamicCache(config=text_config)
     model.model.language_model(input_ids=batch.prefix, cache=cache, use_cache=True)
@@ -411,9 +423,9 @@ def training_step(model: DeepseekVLForConditionalGeneration, pixels: torch.Tenso
         assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
         layer.keys, layer.values = layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1)
     encoded = BaseModelOutputWithPooling(pooler_output=features[batch.images])
-    logits = model(**batch.inputs, cache=cache, mm_encoder_outputs={"image": encoded}, use_cache=True).logits
-    losses = F.cross_entropy(logits.float().transpose(1, 2), batch.labels, ignore_index=-100, reduction="none")
-    return (losses * batch.weights).sum() + extra
+    output = model(**batch.inputs, cache=cache, mm_encoder_outputs={"image": encoded}, use_cache=True,
+                   output_hidden_states=hidden_states)
+    return features, output
 
 
 def adamw(parameters: Sequence[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float

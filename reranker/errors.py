@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from indexer.errors import ErrorCategory, VlsearchError
+from indexer.errors import ErrorCategory, InvalidSetting, VlsearchError
 
 
 class UnsupportedModel(VlsearchError):
@@ -23,3 +23,7 @@ class PromptTooLong(VlsearchError):
 
 class EmptyQuery(VlsearchError):
     """A query or tag with no text to score."""
+
+
+class UnsupportedQuantization(InvalidSetting, ValueError):
+    """A VLSEARCH_VLM_QUANTIZATION that cannot work here: unknown, not on this device, or its library missing."""

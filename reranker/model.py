@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from transformers import GenerationConfig
 
-from reranker.errors import EmptyQuery, PromptTooLong, UnknownScoreMethod, UnsupportedModel
+from indexer.errors import InvalidQuery
+from reranker.errors import EmptyQuery, PromptTooLong, UnknownScoreMethod, UnsupportedModel, UnsupportedQuantization
 from reranker.images import decode_side, input_side, prepare_all
 from reranker.loading import (
     MODEL_SETTING,
@@ -32,11 +33,14 @@ from reranker.prompts import (
     NO_VARIANTS,
     VQA_QUESTION,
     YES_VARIANTS,
+    Turn,
     clean_generated_text,
     expand_image_tokens,
+    render_conversation,
     render_prompt,
     single_token_ids,
 )
+from reranker.quantization import check_quantization
 from reranker.scoring import (
     SCORE_METHODS,
     VQA,
@@ -49,8 +53,17 @@ from reranker.scoring import (
 )
 
 # What names one copy of the weights and where it lives: source, device, dtype, device_map, revision,
-# local_files_only. Behaviour options (chunk size, score method, prompts …) are not part of it.
-WeightsKey = tuple[str, str, str, str | None, str | None, bool]
+# local_files_only, quantization. Behaviour options (chunk size, score method, prompts …) are not part of it.
+WeightsKey = tuple[str, str, str, str | None, str | None, bool, str]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer in a conversation, and how many of the earlier turns the prompt held."""
+
+    answer: str
+    turns_used: int  # the newest earlier turns the model read
+    turns_dropped: int  # the oldest earlier turns left out so that the prompt fits the context
 
 
 @dataclass(eq=False)
@@ -94,7 +107,9 @@ class VisionLanguageModel:
         revision: str | None = None,
         image_workers: int | None = None,
         shared: bool = False,
+        quantization: str = "none",
     ) -> None:
+        check_quantization(quantization)  # whether it can work on the device is known at load
         if score_method is not None and score_method not in SCORE_METHODS:
             raise UnknownScoreMethod(
                 f"score method {score_method!r} (score_method argument) "
@@ -114,6 +129,7 @@ class VisionLanguageModel:
         self.max_new_tokens = max_new_tokens
         self.local_files_only = local_files_only
         self.revision = revision
+        self.quantization = quantization  # none | int8 | nf4 (reranker.quantization), applied at load
         self.image_workers = image_workers  # threads that prepare candidate images; None: a small default
         self.shared = shared
         self._requested_score_method = score_method
@@ -155,6 +171,7 @@ class VisionLanguageModel:
             device_map=self.device_map,
             local_files_only=self.local_files_only,
             revision=self.revision,
+            quantization=self.quantization,
         )
 
     @property
@@ -162,7 +179,9 @@ class VisionLanguageModel:
         """What names this object's weights and their placement (a local directory by its resolved path)."""
         path = Path(self.source).expanduser()
         source = str(path.resolve()) if path.is_dir() else self.source
-        return (source, self.device, self.dtype, self.device_map, self.revision, self.local_files_only)
+        return (
+            source, self.device, self.dtype, self.device_map, self.revision, self.local_files_only, self.quantization
+        )
 
     @classmethod
     def from_components(
@@ -173,6 +192,8 @@ class VisionLanguageModel:
         Its identity is a sha256 of the parameters, since there are no files to name. It is never shared
         with other objects, and a forked child keeps using it (there is nothing to reload it from).
         """
+        if options.get("quantization", "none") != "none":
+            raise UnsupportedQuantization("from_components wraps a model as it is: quantize it before, not by option")
         vlm = cls(source, **{**options, "shared": False})
         prepare_tokenizer(processor.tokenizer)
         device = model.get_input_embeddings().weight.device
@@ -233,15 +254,19 @@ class VisionLanguageModel:
 
     @property
     def identity(self) -> str:
-        """Names the weights for caches: 'hub-id@commit', or 'sha256:…' of a local dir's weights, configs."""
+        """Names the weights for caches: 'hub-id@commit', or 'sha256:…' of a local dir's weights, configs.
+
+        A quantized copy adds '+int8' or '+nf4': its captions may differ from the full-precision model's.
+        """
         if self._identity is None and self._in_memory:
             self._identity = weights_identity(self.model)
         if self._identity is None:
             directory = local_directory(self.source)
             if directory is not None:
-                self._identity = directory_identity(directory)
+                identity = directory_identity(directory)
             else:
-                self._identity = f"{self.source}@{self.loaded.commit or self.revision or 'main'}"
+                identity = f"{self.source}@{self.loaded.commit or self.revision or 'main'}"
+            self._identity = identity if self.quantization == "none" else f"{identity}+{self.quantization}"
         return self._identity
 
     @property
@@ -352,8 +377,11 @@ class VisionLanguageModel:
 
         The caller holds text_lock.
         """
-        prompt = expand_image_tokens(render_prompt(processor, text), processor)
-        ids: list[int] = processor.tokenizer(prompt)["input_ids"]
+        return self._rendered_ids(processor, render_prompt(processor, text))
+
+    def _rendered_ids(self, processor: Any, prompt: str) -> list[int]:
+        """Ids of a chat-formatted prompt for one image: image tokens expanded, BOS included (caller: text_lock)."""
+        ids: list[int] = processor.tokenizer(expand_image_tokens(prompt, processor))["input_ids"]
         return ids
 
     def _rows(self, texts: Sequence[str], method: str) -> tuple[list[list[int]], list[list[int]]]:
@@ -393,7 +421,9 @@ class VisionLanguageModel:
         prefix = shared_prefix_length(rows, loaded.processor.image_token_id)
         if method == VQA:
             logits = forward_with_features(loaded.model, inputs, features, logits_to_keep=1, prefix_length=prefix)
-            values = yes_probability(logits[:, -1], self._yes_ids, self._no_ids)
+            values = yes_probability(
+                logits[:, -1], self._yes_ids, self._no_ids, loaded.preferences.vqa_calibration
+            )
         else:
             keep = max(len(answer) for answer in answers) + 1
             logits = forward_with_features(loaded.model, inputs, features, logits_to_keep=keep, prefix_length=prefix)
@@ -408,27 +438,74 @@ class VisionLanguageModel:
         """One caption per image, in input order: greedy, at most `max_new_tokens` tokens, plain text."""
         if not images:
             return []
-        return self._generate(images, prompt or self.caption_prompt, max_new_tokens or self.max_new_tokens)
+        tokens = max_new_tokens or self.max_new_tokens
+        fitted, _ = self._fitted(prompt or self.caption_prompt, (), tokens)
+        return self._generate(images, fitted, tokens)
 
-    def ask(self, image: Image.Image, question: str, max_new_tokens: int | None = None) -> str:
-        """The model's answer to `question` about `image`: greedy, plain text without template artefacts."""
-        if not question.strip():
-            raise EmptyQuery("the question is empty")
-        return self._generate([image], question.strip(), max_new_tokens or self.max_new_tokens)[0]
+    def ask(
+        self, image: Image.Image, question: str, max_new_tokens: int | None = None, history: Sequence[Turn] = ()
+    ) -> str:
+        """The model's answer to `question` about `image`: greedy, plain text without template artefacts.
 
-    def _generate(self, images: Sequence[Image.Image], text: str, max_new_tokens: int) -> list[str]:
+        `history`: earlier (question, answer) turns about the same image, oldest first (see `converse`).
+        """
+        return self.converse(image, question, history, max_new_tokens).answer
+
+    def converse(
+        self, image: Image.Image, question: str, history: Sequence[Turn] = (), max_new_tokens: int | None = None
+    ) -> Reply:
+        """The answer to `question` about `image` after the earlier turns `history` (oldest first).
+
+        The prompt is the released chat: the image once, in the first user turn kept. The oldest turns are left
+        out until the prompt and max_new_tokens fit the context (the Reply says how many); a question that does
+        not fit even alone raises PromptTooLong.
+        """
+        turns = [(asked.strip(), answered.strip()) for asked, answered in history]
+        question = question.strip()
+        if not question or any(not asked for asked, _ in turns):
+            raise EmptyQuery("the question (or one of the history's questions) is empty")
+        image_token = self.processor.image_token
+        if any(image_token in text for turn in [*turns, (question, "")] for text in turn):
+            raise InvalidQuery(f"a question or answer holds the image placeholder {image_token!r}; leave it out")
+        tokens = max_new_tokens or self.max_new_tokens
+        prompt, dropped = self._fitted(question, turns, tokens)
+        answer = self._generate([image], prompt, tokens)[0]
+        return Reply(answer, len(turns) - dropped, dropped)
+
+    def _fitted(self, question: str, turns: Sequence[Turn], max_new_tokens: int) -> tuple[str, int]:
+        """The chat prompt of `question` after as many of the newest `turns` as fit the context with
+        max_new_tokens, and how many of the oldest were left out."""
+        weights = self._ready()
+        processor = weights.loaded.processor
+        max_context = self.max_context
+
+        def length(dropped: int) -> tuple[str, int]:
+            prompt = render_conversation(processor, turns[dropped:], question)
+            return prompt, len(self._rendered_ids(processor, prompt)) + max_new_tokens
+
+        with weights.text_lock:
+            # The length only shrinks as turns are left out: search for the fewest left out that fit.
+            low, high = 0, len(turns)
+            prompt, needed = length(high)
+            if needed > max_context:
+                raise PromptTooLong(
+                    f"a prompt of {needed - max_new_tokens} tokens plus {max_new_tokens} new ones is more than "
+                    f"the {max_context} positions of {self.source}; shorten the question or lower max_new_tokens"
+                )
+            while low < high:
+                middle = (low + high) // 2
+                candidate, needed = length(middle)
+                if needed <= max_context:
+                    high, prompt = middle, candidate
+                else:
+                    low = middle + 1
+        return prompt, high
+
+    def _generate(self, images: Sequence[Image.Image], prompt: str, max_new_tokens: int) -> list[str]:
+        """Greedy answers to one chat-formatted `prompt` (from `_fitted`), one per image, in input order."""
         weights = self._ready()
         loaded = weights.loaded
         processor, tokenizer = loaded.processor, loaded.processor.tokenizer
-        max_context = self.max_context
-        with weights.text_lock:
-            prompt = render_prompt(processor, text)
-            prompt_length = len(self._prompt_ids(processor, text))
-        if prompt_length + max_new_tokens > max_context:
-            raise PromptTooLong(
-                f"a prompt of {prompt_length} tokens plus {max_new_tokens} new ones is more than the "
-                f"{max_context} positions of {self.source}; shorten the question or lower max_new_tokens"
-            )
         settings = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=False,

@@ -6,6 +6,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+Turn = tuple[str, str]  # an earlier (question, answer) of a conversation about one image
+
 VQA_QUESTION = 'Does this figure show "{query}"? Please answer yes or no.'
 DEFAULT_CAPTION_PROMPT = "Describe the image in one short sentence."
 
@@ -28,6 +30,36 @@ def render_prompt(processor: Any, text: str) -> str:
     """The chat-formatted prompt for one image and `text`, ending where the assistant's answer starts."""
     prompt: str = processor.apply_chat_template(user_turn(text), add_generation_prompt=True, tokenize=False)
     return prompt
+
+
+def conversation(turns: Sequence[Turn], question: str) -> list[dict[str, Any]]:
+    """Messages of a conversation about one image: earlier (question, answer) turns, then `question`.
+
+    The image goes once, first in the first user message, as the released DeepSeek-VL chat shows it.
+    """
+    messages: list[dict[str, Any]] = []
+    for asked, answered in turns:
+        messages += _user_message(asked, with_image=not messages)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answered}]})
+    return messages + _user_message(question, with_image=not messages)
+
+
+def render_conversation(processor: Any, turns: Sequence[Turn], question: str) -> str:
+    """The chat-formatted prompt of `conversation(turns, question)`, ending where the assistant's answer starts.
+
+    In the released format: system prompt, "\n\n", then "User: <image_placeholder>q1\n\nAssistant: a1" +
+    end of sentence + "User: q2\n\nAssistant:" (deepseek_vl/utils/conversation.py, template "deepseek").
+    """
+    prompt: str = processor.apply_chat_template(
+        conversation(turns, question), add_generation_prompt=True, tokenize=False
+    )
+    return prompt
+
+
+def _user_message(text: str, with_image: bool) -> list[dict[str, Any]]:
+    if with_image:
+        return user_turn(text)
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
 
 
 def expand_image_tokens(prompt: str, processor: Any) -> str:

@@ -88,16 +88,26 @@ def forward_with_features(
     return output.logits
 
 
-def yes_probability(last_logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]) -> torch.Tensor:
+def yes_probability(
+    last_logits: torch.Tensor,
+    yes_ids: Sequence[int],
+    no_ids: Sequence[int],
+    calibration: tuple[float, float] | None = None,
+) -> torch.Tensor:
     """VQAScore: sum P(yes variants) / (sum P(yes variants) + sum P(no variants)), next-token softmax.
 
     The softmax denominator cancels, so this is sigmoid(logsumexp(yes logits) - logsumexp(no logits)),
-    computed in float32. `last_logits` is (rows, vocab).
+    computed in float32. `last_logits` is (rows, vocab). `calibration` (scale, bias), from the checkpoint's
+    vlsearch.json, maps those log-odds to sigmoid(scale * log-odds + bias): Platt scaling fitted on held-out
+    pairs, so that P("Yes") = 0.7 is right seven times in ten. The order of scores is unchanged when scale > 0.
     """
     logits = last_logits.float()
     yes = torch.logsumexp(logits[:, list(yes_ids)], dim=-1)
     no = torch.logsumexp(logits[:, list(no_ids)], dim=-1)
-    return torch.sigmoid(yes - no)
+    log_odds = yes - no
+    if calibration is not None:
+        log_odds = calibration[0] * log_odds + calibration[1]
+    return torch.sigmoid(log_odds)
 
 
 def answer_log_likelihood(logits: torch.Tensor, answers: Sequence[Sequence[int]]) -> torch.Tensor:

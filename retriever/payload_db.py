@@ -187,6 +187,14 @@ def filter_sql(filter: Filter | None) -> tuple[str, list[Any]]:
         if high is not None:
             clauses.append(f"json_extract(points.payload, '$.{key}') <= ?")
             params.append(high)
+    # `taken` strings of one fixed form order as the times they name; a missing or non-text one never matches
+    for bound, operator in ((filter.taken_after, ">="), (filter.taken_before, "<=")):
+        if bound is not None:
+            clauses.append(
+                "(json_type(points.payload, '$.taken') = 'text' "
+                f"AND json_extract(points.payload, '$.taken') {operator} ?)"
+            )
+            params.append(bound)
     return " AND ".join(clauses), params
 
 

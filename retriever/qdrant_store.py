@@ -38,6 +38,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -108,6 +109,7 @@ _PAYLOAD_INDEXES: dict[str, Any] = {
         key: models.IntegerIndexParams(type=models.IntegerIndexType.INTEGER, lookup=False, range=True)
         for key in ("width", "height", "bytes")
     },
+    "taken": models.DatetimeIndexParams(type=models.DatetimeIndexType.DATETIME),
 }
 
 
@@ -138,7 +140,19 @@ def qdrant_filter(filter: Filter | None) -> models.Filter | None:
         # a missing key or a null value fails a range, as in Filter.matches
         if low is not None or high is not None:
             must.append(models.FieldCondition(key=key, range=models.Range(gte=low, lte=high)))
+    if filter.taken_after is not None or filter.taken_before is not None:
+        # naive bounds and payload values are both read as UTC; a missing or non-date `taken` fails the range
+        must.append(
+            models.FieldCondition(
+                key="taken",
+                range=models.DatetimeRange(gte=_as_utc(filter.taken_after), lte=_as_utc(filter.taken_before)),
+            )
+        )
     return models.Filter(must=must)
+
+
+def _as_utc(bound: str | None) -> datetime | None:
+    return None if bound is None else datetime.fromisoformat(bound).replace(tzinfo=UTC)
 
 
 def check_manifest(manifest: Manifest) -> None:

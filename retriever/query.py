@@ -19,6 +19,8 @@ _T = TypeVar("_T")
 MAX_RERANK_K = 200  # the generative model scores each candidate: bound the cost of one query
 SearchMode = Literal["clip", "keyword", "hybrid"]
 SEARCH_MODES: tuple[SearchMode, ...] = ("clip", "keyword", "hybrid")
+SortOrder = Literal["relevance", "date"]
+SORT_ORDERS: tuple[SortOrder, ...] = ("relevance", "date")
 # Hybrid fuses at least this many hits of each ranking, so a page does not depend on how deep it lies while
 # offset + k stays within it (a deeper page fuses deeper lists).
 HYBRID_DEPTH = 100
@@ -64,6 +66,16 @@ class Query:
     fusion_weight: float = 1.0  # 1.0 = order by rerank score alone; 0.0 = by CLIP alone; between: fused
     captions: bool = False
     mode: SearchMode = "clip"
+    # drop candidates whose P("Yes") (the generative model's vqa score) is below this; implies reranking the top
+    # rerank_k, and each hit carries its `relevance`
+    min_relevance: float | None = None
+    # relevance: by score (reranked when asked); date: what passed min_score / min_relevance, newest `taken` first
+    # (images without one last), before offset and k
+    sort: SortOrder = "relevance"
+
+    @property
+    def reranks(self) -> bool:
+        return self.rerank or self.min_relevance is not None
 
 
 def validate(query: Query, max_k: int) -> None:
@@ -82,7 +94,14 @@ def validate(query: Query, max_k: int) -> None:
         raise InvalidQuery(f"k must be between 1 and {max_k}, got {query.k}")
     if query.offset < 0:
         raise InvalidQuery(f"offset must be >= 0, got {query.offset}")
-    if query.rerank:
+    if query.sort not in SORT_ORDERS:
+        raise InvalidQuery(f"sort must be one of {', '.join(SORT_ORDERS)}, got {query.sort!r}")
+    if query.min_relevance is not None:
+        if not 0.0 <= query.min_relevance <= 1.0:  # NaN fails both comparisons
+            raise InvalidQuery(f"min_relevance must be between 0 and 1, got {query.min_relevance}")
+        if not query.text:
+            raise InvalidQuery('min_relevance needs query text: it bounds P("Yes") of the generative model')
+    if query.reranks:
         if not query.text:
             raise InvalidQuery("rerank needs query text: the generative model scores (text, image) pairs")
         if not 1 <= query.rerank_k <= MAX_RERANK_K:
@@ -122,19 +141,31 @@ def search(
     captioner: Captioner | None = None,
     load_hit_image: ImageLoader | None = None,
     image_workers: int = IMAGE_WORKERS,
+    relevance_scorer: Scorer | None = None,
 ) -> list[Hit]:
     """Hits offset..offset+k of the query's mode, or among its top rerank_k by the scorer (fused if asked).
 
+    relevance_scorer: P("Yes") in [0, 1], for min_relevance; when it is `scorer` itself (its method is already
+    vqa) the rerank scores are reused, else it scores the candidates once more. sort=date orders the candidates
+    (the top rerank_k when reranking, else the top max(max_k, offset + k)) that passed the bounds by `taken`.
     Captions asked for are cached in the payloads as field updates; nothing here saves the index."""
     validate(query, max_k)
     window = query.offset + query.k
-    if query.rerank:
+    if query.reranks:
         window = max(query.rerank_k, window)
+    elif query.sort == "date":
+        window = max(max_k, window)  # a page of the date order does not depend on how deep it lies
     hits = ranking(store, encoder, query, window)
-    if query.rerank:
+    if query.reranks:
         hits = rerank(
             query.text or "", hits, _require(scorer), _require(load_hit_image), query.fusion_weight, image_workers
         )
+    if query.min_relevance is not None:
+        hits = with_relevance(query.text or "", hits, scorer, _require(relevance_scorer), _require(load_hit_image),
+                              image_workers)
+        hits = [hit for hit in hits if hit.relevance is not None and hit.relevance >= query.min_relevance]
+    if query.sort == "date":
+        hits = by_date(hits)
     hits = hits[query.offset : query.offset + query.k]
     if query.captions:
         add_captions(store, hits, _require(captioner), _require(load_hit_image), image_workers)
@@ -167,7 +198,7 @@ def ranking(store: VectorStore, encoder: ClipEncoder, query: Query, depth: int) 
 
 def _require(component: _T | None) -> _T:
     if component is None:
-        raise InvalidQuery("rerank or captions were asked for but no generative model is configured")
+        raise InvalidQuery("rerank, min_relevance or captions were asked for but no generative model is configured")
     return component
 
 
@@ -189,6 +220,32 @@ def rerank(
         for hit, r, f in zip(hits, rerank_scores, fused, strict=True)
     ]
     return sorted(ranked, key=lambda hit: (-(hit.final_score or 0.0), hit.id))
+
+
+def with_relevance(
+    text: str,
+    hits: list[Hit],
+    scorer: Scorer | None,
+    relevance_scorer: Scorer,
+    load_hit_image: ImageLoader,
+    workers: int = IMAGE_WORKERS,
+) -> list[Hit]:
+    """The hits with `relevance` (P("Yes")): their rerank score when the rerank scorer is the relevance scorer,
+    else one more batched call of the relevance scorer."""
+    if not hits:
+        return []
+    if relevance_scorer is scorer and all(hit.rerank_score is not None for hit in hits):
+        scores = [float(hit.rerank_score or 0.0) for hit in hits]
+    else:
+        scores = [float(s) for s in relevance_scorer.score(text, load_images(load_hit_image, hits, workers))]
+    return [replace(hit, relevance=score) for hit, score in zip(hits, scores, strict=True)]
+
+
+def by_date(hits: list[Hit]) -> list[Hit]:
+    """Newest payload `taken` first, hits without one last; ties keep their relevance order (a stable sort)."""
+    dated = sorted((hit for hit in hits if isinstance(hit.payload.get("taken"), str)),
+                   key=lambda hit: str(hit.payload["taken"]), reverse=True)
+    return dated + [hit for hit in hits if not isinstance(hit.payload.get("taken"), str)]
 
 
 def load_images(load_hit_image: ImageLoader, hits: list[Hit], workers: int = IMAGE_WORKERS) -> list[Image.Image]:

@@ -10,7 +10,15 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from indexer.errors import ErrorCategory, VlsearchError
-from indexer.payloads import CAPTIONS_FIELD, LIST_FIELDS, Payload, PayloadUpdate, merged_payload
+from indexer.payloads import (
+    CAPTIONS_FIELD,
+    LIST_FIELDS,
+    TAKEN_FIELD,
+    Payload,
+    PayloadUpdate,
+    merged_payload,
+    parse_taken,
+)
 from retriever.errors import EncoderMismatch, InvalidQuery
 
 # Payload, PayloadUpdate and its field names live beside the errors at the bottom (indexer/payloads.py): the
@@ -78,6 +86,16 @@ class Filter:
     max_height: int | None = None
     min_bytes: int | None = None
     max_bytes: int | None = None
+    # payload `taken` within these bounds, inclusive: ISO 8601 dates (midnight) or datetimes, kept in the payload's
+    # naive form "YYYY-MM-DDTHH:MM:SS" (aware ones in UTC) and compared as such; images without `taken` never match
+    taken_after: str | None = None
+    taken_before: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("taken_after", "taken_before"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse_taken(value))  # InvalidQuery for a value that is no date
 
     def is_empty(self) -> bool:
         return self == Filter()
@@ -103,6 +121,14 @@ class Filter:
                 return False
             if high is not None and (value is None or value > high):
                 return False
+        if self.taken_after is not None or self.taken_before is not None:
+            taken = payload.get(TAKEN_FIELD)
+            if not isinstance(taken, str):
+                return False
+            if (self.taken_after is not None and taken < self.taken_after) or (
+                self.taken_before is not None and taken > self.taken_before
+            ):
+                return False
         return True
 
 
@@ -125,6 +151,7 @@ class Hit:
     payload: Payload
     rerank_score: float | None = None
     final_score: float | None = None
+    relevance: float | None = None  # P("Yes") of the generative model, when the query asked for min_relevance
 
     @property
     def path(self) -> str | None:

@@ -1,8 +1,11 @@
 """POST /v1/ask: a question about one image (a stored id, or an upload) to the generative model.
 
-One route, two bodies: JSON `{"image_id", "question", "collection"}`, or multipart with `file` (or `image_id`),
-`question` and `collection` fields. The body is read by the route (documented with openapi_extra), since a
-declared body parameter takes one content type only.
+One route, two bodies: JSON `{"image_id", "question", "collection", "history"}`, or multipart with `file` (or
+`image_id`), `question`, `collection` and `history` (the list as one JSON-encoded field) fields. `history` holds the
+earlier turns of a conversation about the image, `[{"question", "answer"}, ...]`, oldest first.
+
+The body is read by the route (documented with openapi_extra), since a declared body parameter takes one content
+type only.
 """
 
 from __future__ import annotations
@@ -13,15 +16,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, Json
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import MetricsDep, ReadAccess, ServiceDep, SettingsDep, visible
 from api.routes.search import ERRORS
-from api.schemas import IMAGE_ID_PATTERN, MAX_TEXT, AnswerOut, AskRequest, Strict, validated
+from api.schemas import IMAGE_ID_PATTERN, MAX_TEXT, AnswerOut, AskRequest, History, Strict, validated
 from core.service import InvalidQuery, Service
-from core.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["ask"], responses=ERRORS)
 
@@ -30,10 +32,24 @@ class AskForm(Strict):
     collection: str | None = None
     image_id: str | None = Field(None, pattern=IMAGE_ID_PATTERN)
     question: str = Field(min_length=1, max_length=MAX_TEXT)
+    history: Json[History] = Field(default_factory=list)
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    return model.model_json_schema(ref_template="#/components/schemas/{model}")
+    """model's JSON schema with its nested models written in place: openapi_extra adds no components."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return inline(schema)  # type: ignore[no-any-return]
 
 
 _FORM_SCHEMA = {
@@ -51,19 +67,23 @@ OPENAPI_BODY = {
 }
 
 
-def _answer(
-    service: Service, settings: Settings, collection: str, question: str, image_id: str | None, data: bytes | None
-) -> AnswerOut:
+def _answer(service: Service, collection: str, body: AskForm | AskRequest, data: bytes | None) -> AnswerOut:
+    history = [(turn.question, turn.answer) for turn in body.history]
     if data is not None:
-        answer = service.ask(data, question, collection)
+        answer = service.ask(data, body.question, collection, history)
         label = "<upload>"
     else:
-        assert image_id is not None
+        assert body.image_id is not None
         # The stored image itself: an id is never taken for a file on the server.
-        answer = service.ask(service.load_image(image_id, collection), question, collection)
-        label = image_id
+        answer = service.ask(service.load_image(body.image_id, collection), body.question, collection, history)
+        label = body.image_id
     return AnswerOut(
-        image=label, question=answer.question, answer=answer.answer, model=service.container.vlm().identity
+        image=label,
+        question=answer.question,
+        answer=answer.answer,
+        turns_used=answer.turns_used,
+        turns_dropped=answer.turns_dropped,
+        model=service.container.vlm().identity,
     )
 
 
@@ -91,7 +111,7 @@ async def ask(
     else:
         raise InvalidQuery(f"unsupported content type {content_type!r}: send JSON or multipart/form-data")
     collection = visible(principal, body.collection or settings.collection)
-    result = await run_in_threadpool(_answer, service, settings, collection, body.question, body.image_id, data)
+    result = await run_in_threadpool(_answer, service, collection, body, data)
     metrics.ask.observe(time.perf_counter() - started)
     return result
 

@@ -60,9 +60,9 @@ def run_search(
     query = options.query(settings.rerank_k, settings.fusion_weight, **image)
     result = service.search(query, collection)
     took = time.perf_counter() - started
-    metrics.observe_search(query.mode, query.rerank, query.captions, took)
+    metrics.observe_search(query.mode, query.reranks, query.captions, took)
     manifest = service.store(collection).manifest
-    identity = result.caption_model or (service.container.vlm().identity if query.rerank else None)
+    identity = result.caption_model or (service.container.vlm().identity if query.reranks else None)
     answer = SearchResponse(
         collection=result.collection,
         hits=[HitOut.of(hit, result.collection) for hit in result.hits],

@@ -10,10 +10,13 @@ import {
   errorText,
   fileName,
   formatScore,
+  isoDate,
+  relevance,
   score,
   sizeText,
   splitList,
   storedCaption,
+  takenText,
   wholeNumber,
 } from "./dom.js";
 import { restartJobsPolling, showJobFields, updateJobCollectionHint } from "./jobs.js";
@@ -21,6 +24,7 @@ import { restartJobsPolling, showJobFields, updateJobCollectionHint } from "./jo
 const DEFAULT_K = 20;
 const MAX_K = 100;
 const MODES = ["clip", "keyword", "hybrid"];
+const SORTS = ["relevance", "date"];
 const GRID_THUMB_SIZE = 256;
 const DETAIL_THUMB_SIZE = 512;
 const COLLECTION_STORAGE = "vlsearch.collection"; // the collection last searched, preselected next visit
@@ -41,6 +45,10 @@ const controls = {
   minWidth: $("#min-width"),
   minScore: $("#min-score"),
   minHeight: $("#min-height"),
+  minRelevance: $("#min-relevance"),
+  takenAfter: $("#taken-after"),
+  takenBefore: $("#taken-before"),
+  sort: $("#sort"),
   k: $("#k"),
   imageFile: $("#image-file"),
   filters: $("#filters"),
@@ -60,6 +68,7 @@ const detail = {
   image: $("#detail-image"),
   paths: $("#detail-paths"),
   size: $("#detail-size"),
+  taken: $("#detail-taken"),
   tags: $("#detail-tags"),
   caption: $("#detail-caption"),
   prev: $("#detail-prev"),
@@ -68,6 +77,8 @@ const detail = {
   askForm: $("#ask-form"),
   question: $("#question"),
   answer: $("#answer"),
+  conversation: $("#conversation"),
+  newConversation: $("#new-conversation"),
 };
 
 // The one search on screen. A new search aborts the running request; `generation` tells a late answer of an
@@ -96,6 +107,7 @@ const shown = {
   controller: null,
   imageUrl: null, // the detail view's own blob: URL (not a grid thumbnail's, which the grid revokes)
   askGeneration: 0,
+  turns: [], // the conversation about this image the model still reads: { question, answer, item }, oldest first
 };
 
 // What location.search the page last showed: a fragment link (the skip link) fires popstate too, and must not
@@ -245,6 +257,10 @@ function queryFromControls() {
     minWidth: wholeNumber(controls.minWidth.value),
     minHeight: wholeNumber(controls.minHeight.value),
     minScore: score(controls.minScore.value),
+    minRelevance: relevance(controls.minRelevance.value),
+    takenAfter: isoDate(controls.takenAfter.value),
+    takenBefore: isoDate(controls.takenBefore.value),
+    sort: SORTS.includes(controls.sort.value) ? controls.sort.value : "relevance",
     k: pageSize(controls.k.value),
   };
 }
@@ -254,6 +270,7 @@ function queryFromUrl() {
   const get = (name) => (params.get(name) ?? "").trim();
   const imageId = get("image_id");
   const mode = get("mode");
+  const sort = get("sort");
   return {
     text: imageId ? "" : get("q"),
     imageId: imageId || null,
@@ -268,6 +285,10 @@ function queryFromUrl() {
     minWidth: wholeNumber(get("min_width")),
     minHeight: wholeNumber(get("min_height")),
     minScore: score(get("min_score")),
+    minRelevance: relevance(get("min_relevance")),
+    takenAfter: isoDate(get("taken_after")),
+    takenBefore: isoDate(get("taken_before")),
+    sort: SORTS.includes(sort) ? sort : "relevance",
     k: params.has("k") ? pageSize(get("k")) : DEFAULT_K,
   };
 }
@@ -285,6 +306,10 @@ function fillControls(query) {
   controls.minWidth.value = query.minWidth ?? "";
   controls.minHeight.value = query.minHeight ?? "";
   controls.minScore.value = query.minScore ?? "";
+  controls.minRelevance.value = query.minRelevance ?? "";
+  controls.takenAfter.value = query.takenAfter;
+  controls.takenBefore.value = query.takenBefore;
+  controls.sort.value = query.sort;
   controls.k.value = String(query.k);
   // filters that narrow the results stay in sight, or the results would look wrong
   if (updateFilterCount()) controls.filters.open = true;
@@ -304,13 +329,19 @@ function filterOf(query) {
   if (query.tags.length) filter.tags_any = query.tags;
   if (query.minWidth != null) filter.min_width = query.minWidth;
   if (query.minHeight != null) filter.min_height = query.minHeight;
+  // the API's bounds are inclusive instants (a date is its midnight): "on or before" a day includes all of it
+  if (query.takenAfter) filter.taken_after = query.takenAfter;
+  if (query.takenBefore) filter.taken_before = `${query.takenBefore}T23:59:59`;
   return Object.keys(filter).length ? filter : null;
 }
 
 function updateFilterCount() {
   const query = queryFromControls();
   const count =
-    Object.keys(filterOf(query) ?? {}).length + (query.negative ? 1 : 0) + (query.minScore != null ? 1 : 0);
+    Object.keys(filterOf(query) ?? {}).length +
+    (query.negative ? 1 : 0) +
+    (query.minScore != null ? 1 : 0) +
+    (query.minRelevance != null ? 1 : 0);
   controls.filterCount.textContent = count ? `(${count} set)` : "";
   return count;
 }
@@ -331,8 +362,10 @@ function searchOptions(query, offset) {
     if (query.negative) options.negative = query.negative;
     if (query.mode !== "clip") options.mode = query.mode;
     if (query.rerank) options.rerank = true;
+    if (query.minRelevance != null) options.min_relevance = query.minRelevance; // P("Yes") needs query text
   }
   if (query.captions) options.captions = true;
+  if (query.sort !== "relevance") options.sort = query.sort;
   if (query.minScore != null) options.min_score = query.minScore;
   const filter = filterOf(query);
   if (filter) options.filter = filter;
@@ -350,8 +383,12 @@ function urlOf(query) {
     if (query.mode !== "clip") params.set("mode", query.mode);
     if (query.rerank) params.set("rerank", "1");
     if (query.negative) params.set("negative", query.negative);
+    if (query.minRelevance != null) params.set("min_relevance", String(query.minRelevance));
   }
   if (query.captions) params.set("captions", "1");
+  if (query.sort !== "relevance") params.set("sort", query.sort);
+  if (query.takenAfter) params.set("taken_after", query.takenAfter);
+  if (query.takenBefore) params.set("taken_before", query.takenBefore);
   if (query.pathPrefix) params.set("path_prefix", query.pathPrefix);
   if (query.tags.length) params.set("tags", query.tags.join(","));
   if (query.minWidth != null) params.set("min_width", String(query.minWidth));
@@ -478,7 +515,9 @@ function showSummary(query, answer) {
 
 function emptyText(query) {
   let text;
-  if (query.minScore != null) text = `No images scored above ${query.minScore.toFixed(2)}.`;
+  if (query.minRelevance != null && !isImageQuery(query)) {
+    text = `No images were relevant to "${query.text}" above ${query.minRelevance.toFixed(2)}.`;
+  } else if (query.minScore != null) text = `No images scored above ${query.minScore.toFixed(2)}.`;
   else if (query.file) text = "No images matched the uploaded image.";
   else if (query.imageId) text = "No images matched this image.";
   else text = `No images matched "${query.text}".`;
@@ -536,9 +575,17 @@ function resultCard(hit, index) {
       el("span", { className: "rerank-score" }, formatScore(hit.rerank_score)),
     );
   }
+  if (hit.relevance != null) {
+    scores.append(
+      el("span", { className: "score-label" }, " · relevance "),
+      el("span", { className: "relevance" }, formatScore(hit.relevance)),
+    );
+  }
   const card = el("li", { className: "result", dataset: { id: hit.id, index: String(index) } }, open, scores);
   const name = fileName(hit.path) || hit.payload?.source_name;
   if (name) card.append(el("p", { className: "file-name", title: hit.path ?? name }, name));
+  const taken = takenText(hit.payload?.taken).slice(0, 10); // the date part: the detail view has the time
+  if (taken) card.append(el("p", { className: "taken" }, el("time", { dateTime: hit.payload.taken }, taken)));
   const caption = captionOf(hit);
   if (caption) card.append(el("p", { className: "caption" }, caption));
   card.append(el("button", { type: "button", className: "more-like-this" }, "More like this"));
@@ -696,8 +743,7 @@ function showDetail(index) {
   detail.title.textContent = fileName(hit.path) || alt;
   detail.image.alt = alt;
   fillDetailInfo(hit.paths, hit.payload, captionOf(hit));
-  detail.answer.textContent = "";
-  delete detail.answer.dataset.state;
+  resetConversation();
   setNavigable(detail.prev, index > 0);
   setNavigable(detail.next, index < search.hits.length - 1);
   loadDetailImage(hit, index, shown.controller.signal);
@@ -714,6 +760,7 @@ function fillDetailInfo(paths, payload, caption) {
   const names = paths.length ? paths : [payload.source_name ?? "No path: indexed from an upload or a URL"];
   detail.paths.replaceChildren(...names.map((path) => el("li", {}, path)));
   detail.size.textContent = sizeText(payload) || "Unknown";
+  detail.taken.textContent = takenText(payload.taken) || "Unknown";
   const tags = payload.tags ?? [];
   detail.tags.textContent = tags.length ? tags.join(", ") : "No tags";
   detail.caption.textContent = caption || "No caption";
@@ -753,6 +800,48 @@ async function refreshDetailInfo(hit, signal) {
   }
 }
 
+const MAX_HISTORY = 50; // earlier turns the API takes with a question (api/schemas.py)
+
+/** A new conversation about the image shown: no turns, no answer, nothing still coming counts. */
+function resetConversation() {
+  shown.askGeneration += 1;
+  shown.turns = [];
+  detail.conversation.replaceChildren();
+  detail.conversation.hidden = true;
+  detail.newConversation.hidden = true;
+  detail.answer.textContent = "";
+  detail.answer.removeAttribute("title");
+  delete detail.answer.dataset.state;
+}
+
+/** Marks the oldest `count` turns as no longer read by the model, and forgets them. */
+function dropOldestTurns(count) {
+  for (const turn of shown.turns.slice(0, count)) {
+    turn.item.dataset.dropped = "true";
+    turn.item.title = "Left out: the model no longer reads this turn";
+  }
+  shown.turns = shown.turns.slice(count);
+}
+
+function addTurn(question, answer, model) {
+  const item = el(
+    "li",
+    { className: "turn", title: `Answered by ${model}` },
+    el("p", { className: "turn-question" }, question),
+    el("p", { className: "turn-answer" }, answer || "(no answer)"),
+  );
+  detail.conversation.append(item);
+  detail.conversation.hidden = false;
+  detail.newConversation.hidden = false;
+  shown.turns.push({ question, answer, item });
+  detail.askForm.scrollIntoView({ block: "nearest" }); // the newest turn sits just above the question box
+}
+
+detail.newConversation.addEventListener("click", () => {
+  resetConversation();
+  detail.question.focus();
+});
+
 detail.askForm.addEventListener("submit", async (event) => {
   event.preventDefault();
   const hit = search.hits[shown.index];
@@ -766,14 +855,22 @@ detail.askForm.addEventListener("submit", async (event) => {
   const { signal } = shown.controller;
   detail.answer.dataset.state = "busy";
   detail.answer.textContent = "Asking…";
+  dropOldestTurns(Math.max(0, shown.turns.length - MAX_HISTORY));
+  const history = shown.turns.map((turn) => ({ question: turn.question, answer: turn.answer }));
   const body = { image_id: hit.id, question };
+  if (history.length) body.history = history;
   if (search.collection) body.collection = search.collection;
   try {
     const answer = await api.ask(body, signal);
     if (generation !== shown.askGeneration) return;
+    dropOldestTurns(answer.turns_dropped);
+    addTurn(question, answer.answer, answer.model);
+    if (detail.question.value.trim() === question) detail.question.value = "";
+    const dropped = answer.turns_dropped;
     detail.answer.dataset.state = "done";
-    detail.answer.textContent = answer.answer;
-    detail.answer.title = `Answered by ${answer.model}`;
+    detail.answer.textContent = dropped
+      ? `${dropped} older turn${dropped === 1 ? " was" : "s were"} left out to fit the model's context.`
+      : "";
   } catch (error) {
     if (generation !== shown.askGeneration || isAbort(error)) return;
     detail.answer.dataset.state = "error";

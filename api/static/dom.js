@@ -46,6 +46,23 @@ export function score(text) {
   return Number.isFinite(number) ? number : null;
 }
 
+/** A relevance bound, P("Yes") from 0 to 1, or null when empty or out of range. */
+export function relevance(text) {
+  const number = score(text);
+  return number != null && number >= 0 && number <= 1 ? number : null;
+}
+
+/** A calendar date "YYYY-MM-DD" (a date input's value), or "" for blank or anything else. */
+export function isoDate(text) {
+  const trimmed = String(text ?? "").trim();
+  return /^\d{4}-\d{2}-\d{2}$/.test(trimmed) && !Number.isNaN(Date.parse(trimmed)) ? trimmed : "";
+}
+
+/** "2021-06-01 12:34" from a payload's `taken` ("2021-06-01T12:34:56": the camera's time, or the file's in UTC). */
+export function takenText(taken) {
+  return typeof taken === "string" ? taken.slice(0, 16).replace("T", " ") : "";
+}
+
 export function formatScore(score) {
   return Number(score).toFixed(3);
 }

@@ -32,8 +32,8 @@ def test_text_search_answers_what_the_service_answers(reader, server_service: Se
     assert body["took_ms"] > 0
     hit = body["hits"][0]
     assert set(hit) == {
-        "id", "path", "paths", "score", "rerank_score", "final_score", "caption", "payload", "thumbnail_url",
-        "image_url",
+        "id", "path", "paths", "score", "rerank_score", "final_score", "relevance", "caption", "payload",
+        "thumbnail_url", "image_url",
     }  # fmt: skip
     assert hit["thumbnail_url"] == f"/v1/collections/shapes/images/{hit['id']}/thumbnail"
     assert hit["payload"]["width"] == 64 and hit["payload"]["format"] == "PNG"
@@ -86,10 +86,32 @@ def test_rerank_and_captions_use_the_generative_model(reader) -> None:
     assert finals == sorted(finals, reverse=True)
 
 
+def test_min_relevance_sort_by_date_and_taken_filters(reader, server_service: Service) -> None:
+    flt = {"taken_after": "2000-01-01", "taken_before": "2100-01-01T00:00:00"}
+    body = {"text": "a red circle", "k": 5, "rerank_k": 12, "min_relevance": 0.2, "sort": "date", "filter": flt}
+    response = reader.post("/v1/search", json=body)
+    assert response.status_code == 200, response.text
+    hits = response.json()["hits"]
+    expected = server_service.search(
+        Query(text="a red circle", k=5, rerank_k=12, min_relevance=0.2, sort="date",
+              filter=Filter(taken_after="2000-01-01", taken_before="2100-01-01")),
+        "shapes",
+    )  # fmt: skip
+    assert [hit["id"] for hit in hits] == [hit.id for hit in expected.hits]
+    assert all(hit["relevance"] is not None and hit["relevance"] >= 0.2 for hit in hits)  # P("Yes") of shapes-vlm
+    taken = [hit["payload"]["taken"] for hit in hits]
+    assert taken == sorted(taken, reverse=True)
+    future = reader.post("/v1/search", json={"text": "a circle", "filter": {"taken_after": "2100-01-01"}})
+    assert future.status_code == 200 and future.json()["hits"] == []
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
         ({}, 400, "invalid_query"),  # neither text nor image
+        ({"text": "x", "filter": {"taken_after": "last tuesday"}}, 422, "invalid_request"),
+        ({"text": "x", "min_relevance": 1.5}, 422, "invalid_request"),
+        ({"text": "x", "sort": "size"}, 422, "invalid_request"),
         ({"text": "x", "k": 0}, 422, "invalid_request"),
         ({"text": "x", "k": 101}, 400, "invalid_query"),  # VLSEARCH_API_MAX_K
         ({"text": "x", "offset": 10_001}, 400, "invalid_query"),
@@ -136,10 +158,28 @@ def test_upload_options_as_fields_or_one_json_field(reader, template: Template) 
     assert len(overridden.json()["hits"]) == 4  # a field of its own wins over the JSON object
 
 
+def test_upload_and_similar_searches_take_the_date_order_and_bounds(reader, template: Template, image_ids) -> None:
+    files = {"file": ("q.png", scene_bytes(template), "image/png")}
+    bounds = {"taken_after": "2000-01-01", "taken_before": "2100-01-01"}
+    fields = {"k": "5", "sort": "date", "filter": json.dumps(bounds)}
+    response = reader.post("/v1/search/image", files=files, data=fields)
+    assert response.status_code == 200, response.text
+    taken = [hit["payload"]["taken"] for hit in response.json()["hits"]]
+    assert len(taken) == 5 and taken == sorted(taken, reverse=True)
+    similar = f"/v1/collections/shapes/images/{image_ids[0]}/similar"
+    assert len(reader.get(similar, params={"k": 3, "taken_after": "2000-01-01"}).json()["hits"]) == 3
+    assert reader.get(similar, params={"taken_after": "2100-01-01"}).json()["hits"] == []
+    bad = reader.get(similar, params={"taken_before": "June"})
+    assert bad.status_code == 422 and error_of(bad)["code"] == "invalid_request"
+
+
 @pytest.mark.parametrize(
     ("files", "data", "status", "code"),
     [
         ({"file": ("q.txt", b"hello, not an image", "text/plain")}, {}, 400, "unsupported_image"),
+        ("scene", {"filter": json.dumps({"taken_after": "2021-13-01"})}, 422, "invalid_request"),
+        ("scene", {"text": "x", "min_relevance": "nan"}, 422, "invalid_request"),
+        ("scene", {"sort": "newest"}, 422, "invalid_request"),
         ({"file": ("q.png", b"\x89PNG\r\n\x1a\n broken", "image/png")}, {}, 400, "corrupt_image"),
         (None, {"k": "3"}, 422, "invalid_request"),  # no file
         ("scene", {"k": "zero"}, 422, "invalid_request"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,21 @@ def test_missing_generative_model_is_one_line_naming_the_setting(
         ok=False,
     )
     assert result.exit_code == 1 and "VLSEARCH_VLM_MODEL" in result.output and "Traceback" not in result.output
+
+
+def test_search_with_min_relevance_sort_and_taken_bounds(env: dict[str, str], image_folder: Path) -> None:
+    files = sorted(p for p in image_folder.rglob("*") if p.is_file())
+    for i, path in enumerate(files):  # no EXIF: `taken` is the mtime, one day apart
+        os.utime(path, (1_600_000_000 + 86_400 * i, 1_600_000_000 + 86_400 * i))
+    run(env, "index", str(image_folder), "--json")
+    everything = run(env, "search", "a red circle", "--k", "8", "--rerank-k", "8", "--min-relevance", "0", "--json")
+    assert len(everything) == 8 and all(0.0 <= hit["relevance"] <= 1.0 for hit in everything)
+    cut = sorted(hit["relevance"] for hit in everything)[4]
+    args = ("--min-relevance", str(cut), "--sort", "date", "--taken-after", "2020-09-14", "--taken-before",
+            "2020-09-20T12:26:40")  # fmt: skip
+    hits = run(env, "search", "a red circle", "--k", "8", "--rerank-k", "8", *args, "--json")
+    assert hits and all(hit["relevance"] >= cut - 1e-6 for hit in hits)
+    assert all("2020-09-14" <= hit["taken"] <= "2020-09-20T12:26:40" for hit in hits)
+    assert [hit["taken"] for hit in hits] == sorted((hit["taken"] for hit in hits), reverse=True)
+    bad = run(env, "search", "x", "--taken-after", "soon", ok=False)
+    assert bad.exit_code == 1 and "ISO 8601" in bad.output

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -195,3 +197,23 @@ def test_device_map_loads_the_same_model(tiny_dirs: dict[str, Path]) -> None:
     plain = VisionLanguageModel(str(tiny_dirs["hybrid"]))
     assert mapped.score("a red circle", image) == pytest.approx(plain.score("a red circle", image), abs=1e-6)
     assert mapped.loaded.input_device == torch.device("cpu")
+
+
+def test_vqa_calibration_from_vlsearch_json_maps_the_log_odds_and_keeps_the_order(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue", "green", "white")]
+    raw = VisionLanguageModel(str(tiny_dirs["plain"])).score("a red circle", images, method="vqa")
+    directory = shutil.copytree(tiny_dirs["plain"], tmp_path / "calibrated")
+    (directory / "vlsearch.json").write_text('{"vqa_calibration": [2.0, -0.5]}')
+    calibrated = VisionLanguageModel(str(directory)).score("a red circle", images, method="vqa")
+    expected = [1 / (1 + math.exp(-(2.0 * math.log(p / (1 - p)) - 0.5))) for p in raw]
+    assert calibrated == pytest.approx(expected, rel=1e-4)
+    assert np.argsort(calibrated).tolist() == np.argsort(raw).tolist()
+
+
+def test_a_malformed_vqa_calibration_names_the_file(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    directory = shutil.copytree(tiny_dirs["plain"], tmp_path / "odd-calibration")
+    (directory / "vlsearch.json").write_text('{"vqa_calibration": [2.0]}')
+    with pytest.raises(UnsupportedModel, match=r"vlsearch\.json.*vqa_calibration"):
+        VisionLanguageModel(str(directory)).load()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from indexer.decode import load_image
 from indexer.pipeline import index_images
 from indexer.sources import iter_sources
 from retriever.errors import InvalidQuery
-from retriever.query import Query, fuse_scores, query_vector, search
+from retriever.query import Query, by_date, fuse_scores, query_vector, search
 from retriever.store import Hit, VectorStore
 
 
@@ -65,6 +66,11 @@ def test_query_by_stored_id_uses_the_stored_vector(container: Container, indexed
         (Query(image_id="nope"), "no image with id"),
         (Query(text="x", rerank=True, rerank_k=0), "rerank_k"),
         (Query(text="x", rerank=True), "no generative model"),
+        (Query(text="x", min_relevance=0.5), "no generative model"),
+        (Query(text="x", min_relevance=1.5), "min_relevance must be between 0 and 1"),
+        (Query(text="x", min_relevance=float("nan")), "min_relevance must be between 0 and 1"),
+        (Query(image_id="x", min_relevance=0.5), "min_relevance needs query text"),
+        (Query(text="x", sort="size"), "sort must be one of"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_queries_are_refused_with_a_reason(
@@ -132,3 +138,54 @@ def test_fusion_weight_one_is_the_rerank_score_and_zero_the_clip_order() -> None
     z = lambda v: (np.asarray(v) - np.mean(v)) / np.std(v)  # noqa: E731
     np.testing.assert_allclose(half, 0.5 * z(rerank) + 0.5 * z(clip))
     assert fuse_scores([0.3, 0.3], [0.5, 0.5], 0.5) == [0.0, 0.0]  # constant scores carry no order
+
+
+class Relevance:
+    """A stand-in for the generative model's P("Yes") at the Scorer protocol (wide images 0.16, narrow 0.096),
+    so that which hits min_relevance drops is known; ordering and dropping are what is tested, not the model."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def score(self, query: str, images: Sequence[Image.Image]) -> list[float]:
+        self.calls.append(len(images))
+        return [image.width / 1000 for image in images]
+
+
+def test_min_relevance_drops_low_p_yes_and_reuses_vqa_rerank_scores(container: Container, indexed: VectorStore) -> None:
+    encoder, relevance = container.encoder(), Relevance()
+    query = Query(text="x", k=8, rerank_k=8, min_relevance=0.12)
+    hits = search(
+        indexed, encoder, query, scorer=PrefersWideImages(), relevance_scorer=relevance, load_hit_image=load_hit
+    )
+    assert relevance.calls == [8]  # another scorer: one more batched call over the rerank_k candidates
+    assert len(hits) == 4 and all(hit.payload["width"] == 160 and hit.relevance == pytest.approx(0.16) for hit in hits)
+    same = search(indexed, encoder, query, scorer=relevance, relevance_scorer=relevance, load_hit_image=load_hit)
+    assert relevance.calls == [8, 8]  # the rerank scores are P("Yes") already: reused, not scored again
+    assert {hit.id for hit in same} == {hit.id for hit in hits}
+
+
+def test_sort_by_date_orders_what_passed_newest_first(container: Container, image_folder: Path) -> None:
+    files = sorted(p for p in image_folder.rglob("*") if p.is_file())
+    for i, path in enumerate(files):  # PNGs and JPEGs without EXIF: `taken` is the mtime
+        os.utime(path, (1_600_000_000 + 86_400 * ((i * 5) % 8), 1_600_000_000 + 86_400 * ((i * 5) % 8)))
+    encoder = container.encoder()
+    store = container.create_or_open_store("dated", encoder)
+    index_images(iter_sources([image_folder]), encoder, store, batch_size=4, workers=2)
+    hits = search(store, encoder, Query(text="x", k=8, rerank_k=8, min_relevance=0.12, sort="date"),
+                  scorer=Relevance(), relevance_scorer=Relevance(), load_hit_image=load_hit)
+    assert len(hits) == 4 and all(hit.payload["width"] == 160 for hit in hits)
+    taken = [hit.payload["taken"] for hit in hits]
+    assert taken == sorted(taken, reverse=True) and len(set(taken)) == 4
+    everything = search(store, encoder, Query(text="x", k=8, sort="date"))
+    assert [hit.payload["taken"] for hit in everything] == sorted((f"2020-09-{13 + d:02d}T12:26:40" for d in range(8)),
+                                                                  reverse=True)
+    page = search(store, encoder, Query(text="x", k=3, offset=3, sort="date"))
+    assert [hit.id for hit in page] == [hit.id for hit in everything[3:6]]
+
+
+def test_date_order_keeps_the_relevance_order_of_ties_and_puts_images_without_taken_last() -> None:
+    taken = ["2021-01-01T00:00:00", None, "2022-05-05T10:00:00", "2021-01-01T00:00:00", "absent", "2023-01-01T00:00:00"]
+    hits = [Hit(id=f"h{i}", score=1.0 - i / 10, payload={"taken": value}) for i, value in enumerate(taken)]
+    hits[4].payload.pop("taken")
+    assert [hit.id for hit in by_date(hits)] == ["h5", "h2", "h0", "h3", "h1", "h4"]

@@ -55,6 +55,10 @@ def make_points(n: int, dim: int = CONTRACT_DIM, seed: int = 0, start: int = 0) 
                 payload[key] = int(rng.integers(1, high))
             elif draw < 0.9:
                 payload[key] = None
+        if i % 10 == 1:
+            payload["taken"] = None
+        elif i % 10 != 0:  # every tenth has no `taken` at all
+            payload["taken"] = f"{2010 + i % 12}-{1 + i * 7 % 12:02d}-{1 + i * 3 % 28:02d}T{i % 24:02d}:{i % 60:02d}:00"
         payloads.append(payload)
     ids = [point_id(i) for i in range(start, start + n)]
     return Points(ids, isotropic(n, dim, seed=seed + 1000), payloads)
@@ -75,6 +79,11 @@ FILTERS = {
     "max_bytes": Filter(max_bytes=1_000_000),
     "combined": Filter(path_prefix="/photos/", tags_any=("dog", "red"), min_width=300, max_height=1200),
     "matches_nothing": Filter(tags_any=("unicorn",)),
+    "taken_after": Filter(taken_after="2016-01-01"),
+    "taken_before": Filter(taken_before="2014-06-30T12:00:00"),
+    "taken_between": Filter(taken_after="2013-01-01", taken_before="2018-12-31T23:59:59"),
+    "taken_after_aware": Filter(taken_after="2016-01-01T02:00:00+02:00"),  # 2016-01-01T00:00:00 in UTC
+    "taken_with_tags": Filter(tags_any=("cat",), taken_before="2015-01-01"),
 }
 
 
@@ -237,6 +246,29 @@ def test_filters_under_test_are_neither_trivial_nor_empty(points: Points) -> Non
         matched = sum(filter.matches(payload) for payload in points.payloads)
         assert (matched == 0) == (name == "matches_nothing"), name
         assert matched < len(points.payloads) or name == "empty_path_prefix", name
+
+
+def test_taken_bounds_are_inclusive_and_images_without_taken_never_match(store: VectorStore) -> None:
+    taken = [
+        "2020-01-01T00:00:00", "2020-06-15T08:30:00", "2020-06-15T08:30:01", "2021-01-01T00:00:00", None, "absent",
+    ]
+    payloads: list[Payload] = [{"paths": [f"/t/{i}.jpg"], "taken": value} for i, value in enumerate(taken)]
+    payloads[-1].pop("taken")
+    ids = [point_id(1000 + i) for i in range(len(taken))]
+    store.upsert(ids, isotropic(len(taken), CONTRACT_DIM, seed=5), payloads)
+
+    def found(filter: Filter) -> set[int]:
+        hits = store.search(unit(np.ones(CONTRACT_DIM)), 10, filter)
+        assert {hit.id for hit in hits} == {record.id for record in store.scroll(filter)}
+        return {ids.index(hit.id) for hit in hits}
+
+    assert found(Filter(taken_after="2020-06-15T08:30:00")) == {1, 2, 3}
+    assert found(Filter(taken_before="2020-06-15T08:30:00")) == {0, 1}
+    assert found(Filter(taken_after="2020-01-01", taken_before="2021-01-01")) == {0, 1, 2, 3}  # a date is midnight
+    assert found(Filter(taken_before="2020-06-15T10:30:00+02:00")) == {0, 1}  # aware: compared in UTC
+    assert store.count(Filter(taken_after="1900-01-01")) == 4
+    with pytest.raises(InvalidQuery):
+        Filter(taken_after="last tuesday")
 
 
 @pytest.mark.parametrize("name", ["none", *sorted(FILTERS)])
