@@ -128,6 +128,59 @@ def fit_calibration(vlm: VisionLanguageModel, scenes: Sequence[Scene]) -> tuple[
     )
 
 
+def fit_retrieval_calibration(
+    vlm: VisionLanguageModel, scenes: int = 1000, query_count: int = 100, seed: int = 5, side: int = 64
+) -> tuple[float, float, dict[str, float]]:
+    """Platt scaling of P("Yes")'s raw log-odds on what `min_relevance` cuts: CLIP's top 20 for relation queries
+    over a VALIDATION collection. Returns (scale, bias, figures before and after on those pairs).
+
+    The pairs of `fit_calibration` (a true caption against a swap or a near miss, half and half) are easier than
+    CLIP's candidates, most of which are one word off; fitted on those, P("Yes") >= 0.5 kept too many of them.
+    """
+    import torch
+
+    from models.train_clip import embed_images, embed_texts
+    from models.train_vlm import load_clip, relation_queries_with_a_match
+
+    collection = generate_scenes("validation", scenes, seed=seed)
+    query_texts = relation_queries_with_a_match(collection, query_count, np.random.default_rng(seed))
+    model, preprocess, tokenizer = load_clip()
+    images = [render(s, side) for s in collection]
+    relevant = relevance_matrix(query_texts, collection)
+    clip_scores = embed_texts(model, tokenizer, query_texts) @ embed_images(model, preprocess, images).T
+    top = np.argsort(-clip_scores, axis=1, kind="stable")[:, :RERANK_K]
+    probabilities: list[float] = []
+    truths: list[bool] = []
+    for q, query in enumerate(query_texts):
+        probabilities += vlm.score(query, [images[i] for i in top[q]], method=VQA)
+        truths += [bool(relevant[q, i]) for i in top[q]]
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1 - 1e-7)
+    current = vlm.loaded.preferences.vqa_calibration or (1.0, 0.0)
+    raw = (np.log(p / (1 - p)) - current[1]) / current[0]  # undo the calibration the checkpoint already has
+    log_odds, target = torch.tensor(raw), torch.tensor(truths, dtype=torch.float64)
+    scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([scale, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(scale * log_odds + bias, target)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    a, b = float(scale.detach()), float(bias.detach())
+    t = np.asarray(truths)
+    figures: dict[str, float] = {}
+    for name, (s, c) in {"before": current, "after": (a, b)}.items():
+        calibrated = 1 / (1 + np.exp(-(s * raw + c)))
+        kept = calibrated >= CUTOFF
+        figures[f"{name} precision"] = float((t & kept).sum() / max(1, kept.sum()))
+        figures[f"{name} recall"] = float((t & kept).sum() / max(1, t.sum()))
+        figures[f"{name} ECE"] = expected_calibration_error(calibrated.tolist(), truths)
+    return a, b, figures
+
+
 def quick(vlm: VisionLanguageModel, scenes: Sequence[Scene]) -> dict[str, float]:
     """The figures logged while training (64 px): question accuracy by kind, VQAScore pairwise accuracy, ECE."""
     result = question_accuracy(vlm, scenes)
@@ -224,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("checkpoint", type=Path, nargs="?", default=MODELS_DIR / "shapes-vlm")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="first refit vqa_calibration on validation retrieval candidates (into vlsearch.json)")
     args = parser.parse_args(argv)
     vlm = VisionLanguageModel(str(args.checkpoint), device="cpu", dtype="float32", max_new_tokens=16)
     vlm.load()
@@ -234,6 +289,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             log_file.write(line + "\n")
             log_file.flush()
 
+        if args.calibrate:
+            scale, bias, fitted = fit_retrieval_calibration(vlm)
+            preferences_file = args.checkpoint / "vlsearch.json"
+            preferences = json.loads(preferences_file.read_text(encoding="utf-8"))
+            preferences["vqa_calibration"] = [round(scale, 4), round(bias, 4)]
+            preferences_file.write_text(json.dumps(preferences, indent=2) + "\n", encoding="utf-8")
+            log(f"P(Yes) calibration refit on validation CLIP top-20 candidates of relation queries: raw log-odds x "
+                f"{scale:.4f} + {bias:.4f}; " + json.dumps({k: round(v, 3) for k, v in fitted.items()}))
+            vlm = VisionLanguageModel(str(args.checkpoint), device="cpu", dtype="float32", max_new_tokens=16)
+            vlm.load()
         figures = report(vlm, log)
         log(f"default score method by these figures: {default_method(figures)} (vlsearch.json: {vlm.score_method})")
 
