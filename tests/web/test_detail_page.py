@@ -97,7 +97,9 @@ def test_older_turns_left_out_of_the_context_are_said_and_dimmed(page: Page, sit
     search(page, "a red square")
     page.locator("#results .result .open").first.click()
     long = "is there a red circle or a blue square or a green triangle or a purple diamond left of a yellow circle?"
-    for index in range(5):
+    # Ten turns of ~30 tokens each outgrow the shipped model's 256 positions (64 of them the image's),
+    # however short its answers.
+    for index in range(10):
         page.fill("#question", long)
         page.press("#question", "Enter")
         expect(page.locator("#conversation .turn")).to_have_count(index + 1)
