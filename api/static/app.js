@@ -909,10 +909,14 @@ detail.dialog.addEventListener("close", () => {
   shown.askGeneration += 1;
   releaseDetailImage();
   const open = view.results.children[shown.index]?.querySelector(".open");
-  if (open) {
-    open.focus();
-    open.scrollIntoView({ block: "nearest" });
-  }
+  if (!open) return;
+  open.focus();
+  open.scrollIntoView({ block: "nearest" });
+  // Closing a modal dialog also restores focus to what had it before showModal (the card first opened); whether
+  // that comes before or after this event differs by how the dialog closed, so settle it once more next frame.
+  requestAnimationFrame(() => {
+    if (document.activeElement !== open) open.focus();
+  });
 });
 
 // --- start -----------------------------------------------------------------------------------------------------

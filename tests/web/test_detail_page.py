@@ -56,6 +56,7 @@ def test_the_keyboard_alone_opens_moves_between_and_closes_results(page: Page, s
     expect(detail).to_have_attribute("data-id", ids[1])
     page.keyboard.press("Escape")
     expect(detail).not_to_have_attribute("open", "")
+    page.evaluate("() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
     assert focused_result(page) == ids[1]  # focus returns to the result last shown
 
 
