@@ -437,6 +437,14 @@ def adamw(parameters: Sequence[tuple[str, torch.nn.Parameter]], lr: float, weigh
                              lr=lr, betas=(0.9, 0.98))
 
 
+def optimise(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One optimiser step on `loss`, the model's gradient norm clipped at 1."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -527,10 +535,7 @@ def train(args: argparse.Namespace, processor: DeepseekVLProcessor, log: Callabl
         patches = (head, labels[chosen].to(device), args.patch_weight) if args.patch_weight > 0 else None
         batch = make_batch(rows, pad_id, image_id).to(device)
         loss = training_step(model, pixels[chosen].to(device), batch, patches)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimise(model, optimizer, loss)
         step += 1
         elapsed = time.time() - train_started
         progress = max(step / args.steps, elapsed / (60 * args.max_minutes))

@@ -65,6 +65,7 @@ from models.train_vlm import (
     forward_rows,
     learning_rate,
     make_batch,
+    optimise,
     patch_labels,
     prerender,
     sample_caption,
@@ -407,10 +408,7 @@ def train(
             (patch_head, labels[chosen], args.patch_weight),
             args.truth_weight,
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optimise(model, optimizer, loss)
         step += 1
         elapsed = time.time() - train_started
         progress = max(step / args.steps, elapsed / (60 * args.max_minutes))
@@ -469,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     with training_log(args.out) as log:
         started = time.time()
-        log(f"shapes-vlm stage 2 (questions): { {k: str(v) for k, v in vars(args).items()} }")
+        log(f"shapes-vlm questions stage from {args.stage1}: { {k: str(v) for k, v in vars(args).items()} }")
         processor = build_processor()
         validation = generate_scenes("validation", args.validation_scenes, seed=args.seed)
 

@@ -100,32 +100,43 @@ def expected_calibration_error(probabilities: Sequence[float], truths: Sequence[
     return float(error)
 
 
-def fit_calibration(vlm: VisionLanguageModel, scenes: Sequence[Scene]) -> tuple[float, float, float, float]:
-    """Platt scaling of P("Yes")'s log-odds on `scenes` (never test ones): (scale, bias, ECE before, after)."""
+def platt_scaling(log_odds: Sequence[float], truths: Sequence[bool]) -> tuple[float, float]:
+    """(scale, bias) minimising the log loss of sigmoid(scale * log_odds + bias) against `truths`."""
     import torch
 
-    _, probabilities, truths = vqa_pairs(vlm, scenes, seed=1)
-    p = torch.tensor(probabilities, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
-    log_odds = torch.log(p) - torch.log1p(-p)
-    target = torch.tensor(truths, dtype=torch.float64)
+    z, target = torch.tensor(log_odds, dtype=torch.float64), torch.tensor(truths, dtype=torch.float64)
     scale = torch.ones((), dtype=torch.float64, requires_grad=True)
     bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([scale, bias], max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(scale * log_odds + bias, target)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(scale * z + bias, target)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    calibrated = torch.sigmoid(scale * log_odds + bias).detach().tolist()
-    return (
-        float(scale),
-        float(bias),
-        expected_calibration_error(probabilities, truths),
-        expected_calibration_error(calibrated, truths),
-    )
+    return float(scale.detach()), float(bias.detach())
+
+
+def raw_log_odds(vlm: VisionLanguageModel, probabilities: Sequence[float]) -> np.ndarray:
+    """The model's own log-odds behind calibrated P("Yes") values (the checkpoint's calibration undone)."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1 - 1e-7)
+    scale, bias = vlm.loaded.preferences.vqa_calibration or (1.0, 0.0)
+    return (np.log(p / (1 - p)) - bias) / scale
+
+
+def _calibrated(log_odds: np.ndarray, scale: float, bias: float) -> list[float]:
+    return (1 / (1 + np.exp(-(scale * log_odds + bias)))).tolist()
+
+
+def fit_calibration(vlm: VisionLanguageModel, scenes: Sequence[Scene]) -> tuple[float, float, float, float]:
+    """Platt scaling of P("Yes")'s log-odds on `scenes` (never test ones): (scale, bias, ECE before, after)."""
+    _, probabilities, truths = vqa_pairs(vlm, scenes, seed=1)
+    log_odds = raw_log_odds(vlm, probabilities)
+    scale, bias = platt_scaling(log_odds.tolist(), truths)
+    return (scale, bias, expected_calibration_error(probabilities, truths),
+            expected_calibration_error(_calibrated(log_odds, scale, bias), truths))
 
 
 def fit_retrieval_calibration(
@@ -137,8 +148,6 @@ def fit_retrieval_calibration(
     The pairs of `fit_calibration` (a true caption against a swap or a near miss, half and half) are easier than
     CLIP's candidates, most of which are one word off; fitted on those, P("Yes") >= 0.5 kept too many of them.
     """
-    import torch
-
     from models.train_clip import embed_images, embed_texts
     from models.train_vlm import load_clip, relation_queries_with_a_match
 
@@ -154,26 +163,13 @@ def fit_retrieval_calibration(
     for q, query in enumerate(query_texts):
         probabilities += vlm.score(query, [images[i] for i in top[q]], method=VQA)
         truths += [bool(relevant[q, i]) for i in top[q]]
-    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1 - 1e-7)
     current = vlm.loaded.preferences.vqa_calibration or (1.0, 0.0)
-    raw = (np.log(p / (1 - p)) - current[1]) / current[0]  # undo the calibration the checkpoint already has
-    log_odds, target = torch.tensor(raw), torch.tensor(truths, dtype=torch.float64)
-    scale = torch.ones((), dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([scale, bias], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(scale * log_odds + bias, target)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    a, b = float(scale.detach()), float(bias.detach())
+    raw = raw_log_odds(vlm, probabilities)
+    a, b = platt_scaling(raw.tolist(), truths)
     t = np.asarray(truths)
     figures: dict[str, float] = {}
     for name, (s, c) in {"before": current, "after": (a, b)}.items():
-        calibrated = 1 / (1 + np.exp(-(s * raw + c)))
+        calibrated = np.asarray(_calibrated(raw, s, c))
         kept = calibrated >= CUTOFF
         figures[f"{name} precision"] = float((t & kept).sum() / max(1, kept.sum()))
         figures[f"{name} recall"] = float((t & kept).sum() / max(1, t.sum()))

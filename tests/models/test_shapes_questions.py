@@ -139,3 +139,16 @@ def test_the_truth_of_a_statement_word_by_word() -> None:
     swapped = ["is", "the", "blue", "circle", "above", "the", "red", "square", "?"]
     assert prefix_truths(TWO, swapped) == [None, None, True, False, False, None, False, False, None]
     assert np.mean([t for t in prefix_truths(TWO, ["a", "green", "square"]) if t is not None]) < 0.5
+
+
+def test_platt_scaling_recovers_the_scale_and_bias_that_made_the_labels() -> None:
+    from models.vlm_eval import expected_calibration_error, platt_scaling
+
+    rng = np.random.default_rng(0)
+    log_odds = rng.normal(0, 3, 20_000)
+    truths = rng.random(20_000) < 1 / (1 + np.exp(-(0.5 * log_odds - 1.0)))
+    scale, bias = platt_scaling(log_odds.tolist(), truths.tolist())
+    assert scale == pytest.approx(0.5, abs=0.05) and bias == pytest.approx(-1.0, abs=0.08)
+    raw = (1 / (1 + np.exp(-log_odds))).tolist()
+    fitted = (1 / (1 + np.exp(-(scale * log_odds + bias)))).tolist()
+    assert expected_calibration_error(fitted, truths.tolist()) < 0.02 < expected_calibration_error(raw, truths.tolist())
