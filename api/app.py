@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.watch_jobs(lambda: client, QUEUES, job_states)
 
     # Added innermost first: metrics see every answer (413s and CORS preflights included).
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes, timeout=settings.request_timeout)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

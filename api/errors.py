@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,15 +37,19 @@ STATUS_CODES: dict[int, str] = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     409: "conflict",
     413: "too_large",
+    414: "uri_too_long",
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "rate_limited",
+    431: "headers_too_large",
     500: "internal_error",
     503: "unavailable",
 }
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
+_PATH_PARAMETER = re.compile(r"\\\{[^}]+\\\}")
 _COLLECTION_NAME = re.compile(r"^no collection ('(?:[^'\\]|\\.)*'|\"[^\"]*\")")
 
 
@@ -85,6 +90,9 @@ def status_of(error: VlsearchError) -> int:
 def _validation_message(error: RequestValidationError) -> str:
     parts = []
     for problem in error.errors()[:5]:
+        if problem.get("type") == "json_invalid" and "error" in problem.get("ctx", {}):  # FastAPI's own JSON 422
+            parts.append(f"invalid JSON: {problem['ctx']['error']}")
+            continue
         where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
         parts.append(f"{where}: {problem.get('msg', 'invalid')}" if where else str(problem.get("msg", "invalid")))
     more = len(error.errors()) - 5
@@ -103,13 +111,32 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     code = getattr(error, "code", None) or STATUS_CODES.get(error.status_code, f"http_{error.status_code}")
     message = error.detail if isinstance(error.detail, str) else str(error.detail)
+    headers = dict(error.headers or {})
     if error.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"
     elif error.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
+        if allowed := allowed_methods(request):
+            headers["Allow"] = ", ".join(allowed)
     elif error.status_code == 413 and message == "Content Too Large":
         message = "the request body is larger than the upload limit (VLSEARCH_MAX_UPLOAD_BYTES)"
-    return error_response(error.status_code, code, message, error.headers)
+    return error_response(error.status_code, code, message, headers)
+
+
+@lru_cache(maxsize=256)
+def _template(path: str) -> re.Pattern[str]:
+    return re.compile("^" + _PATH_PARAMETER.sub("[^/]+", re.escape(path)) + "$")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods the OpenAPI schema lists for the request's path: Starlette's 405 names those of the first route
+    that matched the path only, one method each in FastAPI."""
+    paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
+    methods: set[str] = set()
+    for template, operations in paths.items():
+        if _template(template).match(request.url.path):
+            methods.update(method.upper() for method in operations)
+    return sorted(methods)
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:

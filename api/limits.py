@@ -1,7 +1,9 @@
-"""Request limits: the body-size cap (413 before a body is read whole) and requests per key per window (429)."""
+"""Request limits: the body-size cap (413 before a body is read whole), the time a body may take to arrive (408),
+and requests per key per window (429)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
@@ -16,6 +18,8 @@ from api.errors import ApiError, error_response
 log = logging.getLogger("vlsearch.api")
 
 UPLOAD_SETTING = "VLSEARCH_MAX_UPLOAD_BYTES"
+TIMEOUT_SETTING = "VLSEARCH_REQUEST_TIMEOUT"
+CLOSE = {"Connection": "close"}  # the rest of a refused body is not read: the server drops the connection
 
 
 def _too_large(limit: int) -> str:
@@ -24,16 +28,26 @@ def _too_large(limit: int) -> str:
 
 class BodyTooLarge(ApiError):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, "too_large", _too_large(limit))
+        super().__init__(413, "too_large", _too_large(limit), CLOSE)
+
+
+class BodyTimeout(ApiError):
+    def __init__(self, timeout: float) -> None:
+        message = f"the request body did not arrive within {timeout:g} s ({TIMEOUT_SETTING})"
+        super().__init__(408, "request_timeout", message, CLOSE)
 
 
 class BodyLimitMiddleware:
     """Refuses a body over `limit` bytes: at once when its Content-Length says so (the app is not called), else
-    as soon as the bytes received pass it (the read raises BodyTooLarge, which the error handlers answer)."""
+    as soon as the bytes received pass it (the read raises BodyTooLarge, which the error handlers answer). A body
+    still arriving `timeout` seconds after its request's head is refused too (BodyTimeout, a 408). An answer sent
+    before its request's body was read whole (a refusal, mostly) closes the connection: else the server would go on
+    reading, and dropping, whatever the client still sends."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout: float) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,21 +55,40 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
-            response = error_response(413, "too_large", _too_large(self.limit), {"Connection": "close"})
+            response = error_response(413, "too_large", _too_large(self.limit), CLOSE)
             await response(scope, receive, send)
             return
+        deadline = time.monotonic() + self.timeout
         received = 0
+        complete = not (declared or _chunked(scope))
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # past the body, a receive waits for the client to go (a streamed answer): no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise BodyTimeout(self.timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
                     raise BodyTooLarge(self.limit)
+                complete = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited, send)
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and not complete:
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, limited, closing)
+
+
+def _chunked(scope: Scope) -> bool:
+    return any(name == b"transfer-encoding" and b"chunked" in value.lower() for name, value in scope.get("headers", ()))
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -19,6 +19,7 @@ from core.service import Filter, HitView, Query, SearchMode
 
 COLLECTION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$"
 IMAGE_ID_PATTERN = r"^[0-9a-f]{8,64}$"
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"  # workers.jobs: uuid4().hex
 MAX_TEXT = 2000  # characters of a query text or question
 MAX_JOB_SOURCES = 10_000  # paths or URLs in one index job
 MAX_HISTORY = 50  # earlier turns of a conversation sent with a question
@@ -49,7 +50,14 @@ def json_response(model: BaseModel) -> Response:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A JSON body: unknown fields refused, and each value of its declared JSON type (no "10" or true for an
+    integer, no 0 for a boolean), as the schema says. NaN and infinity pass no bound of their own (min_score has
+    none) and are no number a client means. Forms and query strings, all text, convert (FromText)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+FromText = ConfigDict(strict=False)  # the model_config of a form or query string: its values arrive as text
 
 
 class ErrorDetail(BaseModel):
@@ -109,6 +117,8 @@ class SearchFilter(Strict):
 
 class SimilarParams(SearchFilter):
     """The query string of a similar-images request: paging, a score bound and the filter fields."""
+
+    model_config = FromText
 
     k: int = Field(default=10, ge=1, description="How many results (at most VLSEARCH_API_MAX_K).")
     offset: int = Field(default=0, ge=0, description="Skip this many results (at most VLSEARCH_API_MAX_OFFSET).")
@@ -186,6 +196,8 @@ class UrlSearchRequest(SearchOptions):
 class ImageSearchForm(SearchOptions):
     """Multipart fields of an image search: the image file, then each option as a field of its own, or all of them
     as one JSON object in `options` (fields given on their own win)."""
+
+    model_config = FromText
 
     file: UploadFile = Field(description="The image (JPEG, PNG, WebP, ...).")
     options: Json[dict[str, Any]] | None = Field(default=None, description="Every option as one JSON object.")
@@ -317,10 +329,13 @@ class ImageOut(BaseModel):
 class IndexJobCreate(Strict):
     kind: Literal["index"]
     collection: str | None = None
-    paths: list[str] = Field(
+    # An empty path would be the server's working directory, indexed whole.
+    paths: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
         default_factory=list, max_length=MAX_JOB_SOURCES, description="Folders (recursive) and files on the server."
     )
-    urls: list[str] = Field(default_factory=list, max_length=MAX_JOB_SOURCES, description="Image URLs.")
+    urls: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        default_factory=list, max_length=MAX_JOB_SOURCES, description="Image URLs."
+    )
 
 
 class TagJobCreate(Strict):
@@ -329,7 +344,9 @@ class TagJobCreate(Strict):
     labels: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
         None, max_length=10_000, description="The label vocabulary (default: the shipped common vocabulary)."
     )
-    labels_file: str | None = Field(default=None, description="Or a vocabulary file on the server.")
+    labels_file: str | None = Field(
+        default=None, min_length=1, max_length=4096, description="Or a vocabulary file on the server."
+    )
     threshold: float | None = Field(default=None, ge=0, le=1, description="Keep tags at or above this probability.")
     verify: bool = Field(default=False, description="Keep only the tags the generative model confirms.")
 

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +70,10 @@ def bench_settings(data_dir: Path) -> Settings:
     )
 
 
-def server_env(data_dir: Path, torch_threads: int | None = None) -> dict[str, str]:
+def server_env(
+    data_dir: Path, torch_threads: int | None = None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a `vlsearch serve` (or `vlsearch worker`) on data_dir; extra: more VLSEARCH_ variables."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("VLSEARCH_")}
     env.update(
         {
@@ -87,6 +90,7 @@ def server_env(data_dir: Path, torch_threads: int | None = None) -> dict[str, st
     )
     if torch_threads is not None:
         env["VLSEARCH_API_TORCH_THREADS"] = str(torch_threads)
+    env.update(extra or {})
     return env
 
 
@@ -99,14 +103,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(data_dir: Path, log: Path, torch_threads: int | None = None) -> Iterator[tuple[str, int]]:
+def server(
+    data_dir: Path, log: Path, torch_threads: int | None = None, extra: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, int]]:
     """`vlsearch serve` on a free loopback port, once /readyz answers; its base URL and pid."""
     port = free_port()
     with log.open("wb") as handle:
         process = subprocess.Popen(
             [VLSEARCH, "serve", "--port", str(port)],
             cwd=REPO_ROOT,
-            env=server_env(data_dir, torch_threads),
+            env=server_env(data_dir, torch_threads, extra),
             stdout=handle,
             stderr=subprocess.STDOUT,
         )

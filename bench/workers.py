@@ -163,8 +163,11 @@ def main() -> None:
         root = Path(scratch)
         folder = root / "photos"
         folder.mkdir()
-        for path in photos:
-            os.symlink(path, folder / path.name)
+        for path in photos:  # hard links: a folder's symbolic links leading out of it are refused, not followed
+            try:
+                os.link(path, folder / path.name)
+            except OSError:  # another file system
+                shutil.copyfile(path, folder / path.name)
         small = root / "small"
         small.mkdir()
         for i in range(max(args.overhead_chunks, 8)):
@@ -195,7 +198,7 @@ def main() -> None:
         with Workers(tiny, [None], log):
             warm(tiny, warm_folder)
             record = job(tiny, small, "overhead-b")
-        per_chunk = (float(record["finished"]) - float(record["started"])) / int(record["chunks"])  # type: ignore[arg-type]
+        per_chunk = (float(record["finished"]) - float(record["started"])) / int(record["chunks"])  # type: ignore[arg-type, call-overload]
 
     b_ratio = [b / a for a, b in zip(a_rates, b_rates, strict=True)]
     c_ratio = [c / a for a, c in zip(a_rates, c_rates, strict=True)]

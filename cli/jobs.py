@@ -11,6 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from cli.main import CollectionOpt, JsonOpt, app, emit_json, err, reports_errors
+from cli.render import printable
 from core.container import build_settings
 from indexer.errors import InvalidQuery
 from indexer.sources import read_listing, read_path_list
@@ -176,6 +177,6 @@ def job_command(
             progress.update(task, completed=record.done)
     print(_row(record))
     for error in record.errors:
-        print(f"  failed: {error.source}: {error.error}: {error.reason}")
+        print(f"  failed: {printable(error.source)}: {error.error}: {printable(error.reason)}")
     if record.state == "failed":
         sys.exit(1)

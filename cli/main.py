@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cli.render import hit_rows, print_hits, print_table
+from cli.render import hit_rows, print_hits, print_table, printable
 from core.container import Container, StoreKind, build_settings
 from core.service import Filter, HitView, InvalidQuery, Query, SearchMode, Service, SortOrder, VlsearchError
 
@@ -200,7 +200,7 @@ def index(
         f"{len(report.failed)} failed; collection {result.collection!r} holds {result.count} images"
     )
     for failure in report.failed:
-        print(f"  failed: {failure.path}: {failure.error}: {failure.reason}")
+        print(f"  failed: {printable(failure.path)}: {failure.error}: {printable(failure.reason)}")
 
 
 def make_filter(

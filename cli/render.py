@@ -7,10 +7,17 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from core.service import HitView
 
 out = Console(highlight=False, soft_wrap=True)
+
+
+def printable(text: str) -> str:
+    """text on one line of a terminal: a newline, tab or other control character in a file name shown escaped
+    (\\n, \\t, \\x1b), so that a name cannot split a line or move the cursor. Unicode letters stay as they are."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def hit_rows(hits: Sequence[HitView]) -> list[dict[str, Any]]:
@@ -47,8 +54,8 @@ def print_hits(hits: Sequence[HitView]) -> None:
             str(rank),
             f"{hit.score:.4f}",
             *([f"{hit.rerank_score:.4f}"] if reranked and hit.rerank_score is not None else ["-"] if reranked else []),
-            hit.path or hit.source_name or "",
-            *([caption] if captioned else []),
+            Text(printable(hit.path or hit.source_name or "")),  # Text: a name like "[b]x.png" is no rich markup
+            *([Text(caption)] if captioned else []),
             hit.id,
         )
     out.print(table)
@@ -60,4 +67,4 @@ def print_table(data: dict[str, Any], prefix: str = "") -> None:
         if isinstance(value, dict):
             print_table(value, f"{prefix}{key}.")
         else:
-            out.print(f"{prefix}{key}: {value}")
+            out.print(f"{prefix}{key}: {value}", markup=False)

@@ -35,10 +35,13 @@ def serve(
     """Serve the HTTP API (settings from VLSEARCH_ variables; docs at /docs, schema at /openapi.json)."""
     import uvicorn
 
+    from api.http_protocol import PROTOCOL
+
     build_settings()  # a setting that cannot work is one line here, not a traceback in every worker
     uvicorn.run(
         APP_FACTORY,
         factory=True,
+        http=PROTOCOL,  # httptools with a bounded request head and a deadline for it, refusals in JSON
         host=host,
         port=port,
         workers=workers,

@@ -19,7 +19,7 @@ from core.media import BLOBS_DIR, THUMBNAILS_DIR, BlobStore, ThumbnailCache
 from core.settings import Settings
 from indexer.decode import DecodeLimits, decode_image, load_image, read_image_file
 from indexer.encoder import LOCAL_DIR_PREFIX, ClipEncoder, EncoderSpec
-from indexer.errors import InvalidSetting, UnreadableFile, VlsearchError
+from indexer.errors import InvalidQuery, InvalidSetting, UnreadableFile, VlsearchError
 from indexer.fetch import SafeFetcher
 from models import MODELS_DIR, shipped_models
 from reranker.model import VisionLanguageModel, get_model
@@ -161,7 +161,7 @@ class Container:
 
     def collection_dir(self, name: str) -> Path:
         if not name or "/" in name or name.startswith("."):
-            raise VlsearchError(f"invalid collection name {name!r}: use letters, digits, '-' and '_'")
+            raise InvalidQuery(f"invalid collection name {name!r}: use letters, digits, '-' and '_'")
         return self.settings.collections_dir / name
 
     def open_store(self, name: str | None = None, kind: StoreKind | None = None) -> VectorStore:

@@ -9,7 +9,9 @@ and never touches the parent's.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import sys
 import threading
@@ -32,14 +34,14 @@ from indexer.decode import check_image_bytes, decode_image, load_image
 from indexer.errors import InvalidSetting, VlsearchError
 from indexer.fetch import FetchedImage
 from indexer.pipeline import FileFailure, IndexReport, content_id, index_images
-from indexer.sources import IMAGE_EXTENSIONS, ImageBytes, iter_sources
+from indexer.sources import IMAGE_EXTENSIONS, ImageBytes, ImageSource, iter_sources
 from indexer.writer import detach_path
 from reranker.model import VisionLanguageModel
 from reranker.prompts import Turn
 from reranker.scoring import VQA
 from reranker.tags import verify_tags
 from retriever.dupes import near_duplicate_groups
-from retriever.errors import CollectionExists, InvalidQuery, PointNotFound
+from retriever.errors import CollectionExists, InvalidQuery, PointNotFound, StorageFull
 from retriever.query import SEARCH_MODES, Query, SearchMode, SortOrder, add_captions, search
 from retriever.store import Filter, Hit, Payload, Record, VectorStore, checked_query_vector, copy_points
 from retriever.tagging import (
@@ -76,12 +78,14 @@ __all__ = [
     "SearchResult",
     "Service",
     "SortOrder",
+    "StorageFull",
     "StoreKind",
     "Thumbnail",
     "Turn",
     "VlsearchError",
 ]
 
+logger = logging.getLogger(__name__)
 ImageInput = str | Path | bytes | Image.Image  # a file, a stored id (str), uploaded bytes or a decoded image
 
 
@@ -314,7 +318,13 @@ class Service:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        if error is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # the error in flight is the one to report: closing after it often fails alike (full disk)
+            logger.warning("closing the collections after %s failed too", type(error).__name__, exc_info=True)
 
     def _reset(self) -> None:
         # After a fork: the parent's stores and models (threads, SQLite connections, CUDA) are not ours to use or
@@ -458,7 +468,7 @@ class Service:
 
     def _index(
         self,
-        sources: Iterable[Path | ImageBytes],
+        sources: Iterable[ImageSource],
         collection: str | None,
         batch_size: int | None,
         workers: int | None,
@@ -467,16 +477,24 @@ class Service:
         container = self.container
         encoder = container.encoder()
         store = self._writable_store(collection, encoder)
-        report = index_images(
-            sources,
-            encoder,
-            store,
-            batch_size=batch_size or self.settings.batch_size,
-            workers=workers or self.settings.decode_workers,
-            limits=container.decode_limits,
-            on_file=on_file,
-            blobs=container.blobs,
-        )
+        try:
+            report = index_images(
+                sources,
+                encoder,
+                store,
+                batch_size=batch_size or self.settings.batch_size,
+                workers=workers or self.settings.decode_workers,
+                limits=container.decode_limits,
+                on_file=on_file,
+                blobs=container.blobs,
+            )
+        except OSError as error:  # the stores type their own; this is the kept bytes of uploads (the blob store)
+            if error.errno != errno.ENOSPC:
+                raise
+            raise StorageFull(
+                f"the disk holding the data dir ({self.settings.data_dir}, VLSEARCH_DATA_DIR) is full ({error}): "
+                f"collection {store.name!r} keeps what was indexed before; free space and index again"
+            ) from error
         return IndexResult(store.name, store.count(), report)
 
     # --- queries ---------------------------------------------------------------------------------------------

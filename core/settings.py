@@ -94,7 +94,14 @@ class Settings(BaseSettings):
     # the default URL serves search without Redis (the demo) and answers the jobs routes with 503.
     open_read: bool = False  # with no key, read routes answer anyone; never the default (write routes always need one)
     cors_origins: list[str] = Field(default_factory=list)  # origins allowed cross-site; empty: CORS off
+    # Folders an API client's index job (paths) and tag job (labels_file) may name, a JSON list: anything else
+    # on the server is 403. Empty: whatever the workers can read (the CLI, which runs as its user, is not bound).
+    index_roots: list[Path] = Field(default_factory=list)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)  # request bodies: 413 past this, before read whole
+    # A request's head must arrive within this many seconds of its first byte, and its body within as many again
+    # (408 past either): a client that trickles bytes cannot hold a connection and its buffers for ever.
+    request_timeout: float = Field(default=120.0, gt=0)
+    max_request_head_bytes: int = Field(default=64 * 1024, ge=1024)  # request line + headers: 414 / 431 past this
     api_max_k: int = Field(default=100, ge=1)  # results per request
     api_max_offset: int = Field(default=10_000, ge=0)  # pagination depth
     api_max_rerank_k: int = Field(default=100, ge=1)  # candidates the generative model rescores per request

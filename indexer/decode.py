@@ -37,6 +37,10 @@ _EXIF_IFD = 0x8769  # the Exif sub-IFD of IFD0
 # file was last changed, rewritten by every editor that saves it, so it says no more than the file's mtime.
 _DATETIME_ORIGINAL = 36867
 _EXIF_TIME = "%Y:%m:%d %H:%M:%S"
+_METADATA_BOMB = (
+    f"PNG metadata (text or ICC profile chunks) decompresses past {PngImagePlugin.MAX_TEXT_CHUNK >> 20} MiB a chunk "
+    f"or {PngImagePlugin.MAX_TEXT_MEMORY >> 20} MiB in all: refused as a decompression bomb"
+)
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,8 @@ def decode_image(
     except MemoryError as error:
         raise ImageTooLarge(source, f"out of memory decoding this {fmt}") from error
     except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, EOFError...
+        if isinstance(error, ValueError) and "MAX_TEXT_" in str(error):  # PngImagePlugin's bounds on metadata
+            raise ImageTooLarge(source, _METADATA_BOMB) from error
         raise CorruptImage(source, f"broken {fmt} data: {error}") from error
     return DecodedImage(image=rgb, width=width, height=height, format=fmt, taken=taken)
 
@@ -258,6 +264,8 @@ def _webp_canvas_size(head: bytes) -> tuple[int, int] | None:
 
 
 def _too_many_bytes(source: str | Path, size: int, limits: DecodeLimits) -> ImageTooLarge:
+    if size == limits.max_bytes + 1:  # what a read bounded at the limit returns (an upload): the size is unknown
+        return ImageTooLarge(source, f"more than {limits.max_bytes} bytes, the limit (max_bytes)")
     return ImageTooLarge(source, f"{size} bytes is over the limit of {limits.max_bytes} (max_bytes)")
 
 

@@ -58,8 +58,8 @@ class ImageTooLarge(DecodeError):
 
 
 class UnreadableFile(DecodeError):
-    """The file could not be read: missing, permission denied, a symbolic link loop, an I/O error, or it changed
-    while it was read."""
+    """The file could not be read: missing, permission denied, a symbolic link loop or one leading outside the folder
+    being indexed, an I/O error, a name that is not valid UTF-8, or it changed while it was read."""
 
     category: ClassVar[ErrorCategory] = "not_found"
 

@@ -7,6 +7,7 @@ only by merged field updates (`PayloadUpdate`), so several processes may index i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import time
 from collections import deque
@@ -21,13 +22,14 @@ import torch
 
 from indexer.decode import DecodeLimits, check_image_bytes, decode_image, read_image
 from indexer.encoder import ClipEncoder
-from indexer.errors import DecodeError, UnsupportedImage
+from indexer.errors import DecodeError, UnreadableFile, UnsupportedImage
 from indexer.payloads import PayloadUpdate, taken_form
-from indexer.sources import ImageBytes, ImageSource
+from indexer.sources import ImageBytes, ImageSource, RefusedFile, path_text
 from indexer.writer import BlobSink, ImageWriter, PayloadDict, detach_path
 
 __all__ = ["FileFailure", "IndexReport", "content_id", "detach_path", "index_images"]
 
+NAME_NOT_UTF8 = "its name is not valid UTF-8, so it cannot be recorded: rename the file to index it"
 ID_HEX_CHARS = 32  # 128 bits of sha256: collisions are out of reach, and the id fits a UUID (Qdrant point ids)
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -194,6 +196,10 @@ class _Run:
                 raise UnsupportedImage(source.name, "images given as bytes need a place to keep them (blobs)")
             data = check_image_bytes(source.data, source.name, self.limits)
             return _Read(source.name, None, data, content_id(data), None)
+        if isinstance(source, RefusedFile):
+            raise UnreadableFile(path_text(source.path), source.reason)
+        if path_text(source) != str(source):  # SQLite, JSON and the terminal take text, not a name's raw bytes
+            raise UnreadableFile(path_text(source), NAME_NOT_UTF8)
         data, info = read_image(source, self.limits)
         return _Read(str(source), str(source), data, content_id(data), info.st_mtime)
 
@@ -262,6 +268,11 @@ class _Run:
                 # No future: stored at the lookup but deleted since (its only path changed bytes earlier in this
                 # run), or its decoding failed in an earlier group: decode again.
                 decoded = future.result() if future is not None else self.decode(read)
+            except OSError as error:
+                if error.errno == errno.ENOSPC:  # keeping its bytes met a full disk: so would every other file's
+                    raise
+                self._failed(read.key, error)
+                return
             except Exception as error:  # one bad file fails alone; the run goes on
                 self._failed(read.key, error)
                 return
@@ -401,7 +412,9 @@ def _merge_into(payload: PayloadDict, read: _Read, keep: Callable[[_Read], str])
 
 
 def _key(source: ImageSource) -> str:
-    return source.name if isinstance(source, ImageBytes) else str(source)
+    if isinstance(source, ImageBytes):
+        return source.name
+    return path_text(source.path if isinstance(source, RefusedFile) else source)
 
 
 def _reason(error: BaseException) -> str:

@@ -13,18 +13,37 @@ from indexer.errors import InvalidQuery
 # Files with other extensions in a folder are not images the user meant to index, so they are skipped
 # silently; a file WITH one of these extensions that is not an image is reported as a failure.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+OUTSIDE_ROOT = "a symbolic link leading outside the source folder: not followed"
 
 
-def iter_folder(root: Path, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> Iterator[Path]:
-    """Image files under root, recursively, sorted; symlinked folders are not followed (no loops)."""
+@dataclass(frozen=True)
+class RefusedFile:
+    """A file a folder holds that is not read, with why: the pipeline reports it as a per-file failure."""
+
+    path: Path
+    reason: str
+
+
+def iter_folder(root: Path, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> Iterator[Path | RefusedFile]:
+    """Image files under root, recursively, sorted; symlinked folders are not followed (no loops), and a symlinked
+    file whose target lies outside root is refused (a link planted in a shared folder must not read other files)."""
+    real_root = os.path.realpath(root)
     for directory, subdirs, files in os.walk(root, followlinks=False):
         subdirs.sort()
         for name in sorted(files):
             if Path(name).suffix.lower() in extensions:
-                yield Path(directory) / name
+                path = Path(directory) / name
+                yield RefusedFile(path, OUTSIDE_ROOT) if _leads_outside(path, real_root) else path
 
 
-def iter_sources(paths: Iterable[Path]) -> Iterator[Path]:
+def _leads_outside(path: Path, real_root: str) -> bool:
+    if not path.is_symlink():
+        return False
+    target = os.path.realpath(path)  # a loop or a dangling link still resolves, to where it points
+    return os.path.commonpath((real_root, target)) != real_root
+
+
+def iter_sources(paths: Iterable[Path]) -> Iterator[Path | RefusedFile]:
     """Each path as given, folders expanded recursively; paths are made absolute so ids of paths are stable."""
     for path in paths:
         path = Path(os.path.abspath(path))
@@ -32,6 +51,17 @@ def iter_sources(paths: Iterable[Path]) -> Iterator[Path]:
             yield from iter_folder(path)
         else:
             yield path
+
+
+def path_text(path: Path | str) -> str:
+    """path as text that can be stored and printed: a name that is not valid UTF-8 (its bytes kept by Python as
+    surrogates) shows its bytes as \\xNN escapes."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
 
 
 def read_listing(path: Path) -> list[str]:
@@ -62,4 +92,4 @@ class ImageBytes:
         return f"ImageBytes(name={self.name!r}, {len(self.data)} bytes)"
 
 
-ImageSource = Path | ImageBytes
+ImageSource = Path | ImageBytes | RefusedFile

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -275,10 +276,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path, nargs="?", default=MODELS_DIR / "shapes-vlm")
     parser.add_argument("--calibrate", action="store_true",
                         help="first refit vqa_calibration on validation retrieval candidates (into vlsearch.json)")
+    parser.add_argument("--no-log", action="store_true", help="print the report only; leave training_log.txt as it is")
     args = parser.parse_args(argv)
     vlm = VisionLanguageModel(str(args.checkpoint), device="cpu", dtype="float32", max_new_tokens=16)
     vlm.load()
-    with open(args.checkpoint / "training_log.txt", "a", encoding="utf-8") as log_file:
+    with open(os.devnull if args.no_log else args.checkpoint / "training_log.txt", "a", encoding="utf-8") as log_file:
 
         def log(line: str) -> None:
             print(line, flush=True)

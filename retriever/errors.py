@@ -16,6 +16,7 @@ __all__ = [
     "InvalidStoreSettings",
     "PointNotFound",
     "SaveFailed",
+    "StorageFull",
     "StoreBusy",
     "StoreUnavailable",
 ]
@@ -67,3 +68,8 @@ class StoreBusy(StoreUnavailable):
 
 class SaveFailed(StoreUnavailable):
     """The index or database could not be written to disk (disk full, permissions); nothing committed is lost."""
+
+
+class StorageFull(SaveFailed):
+    """The disk holding a collection (or the data dir) is full: the write that met it was not made, and what was
+    stored before it is kept."""

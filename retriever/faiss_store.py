@@ -4,7 +4,7 @@ Files in a collection's directory:
   manifest.json    what built the collection; written atomically, last, when it is created
   payloads.sqlite  points, payloads, vectors and a generation counter (see retriever/payload_db.py)
   index.faiss      the FAISS index, replaced atomically by `save()`
-  index.json       the generation the index reflects, written atomically after index.faiss
+  index.json       the generation the index reflects and which index.faiss it describes, written atomically after it
 
 Crash safety: every write commits to SQLite first and then updates the in-memory index. FAISS ids (fids) are
 never reused, so on open any index file, whatever its age, is brought up to date by set differences of fids
@@ -20,6 +20,7 @@ Keyword search reads SQLite alone: an FTS5 index of the words of paths, tags and
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import heapq
@@ -51,6 +52,7 @@ from retriever.errors import (
     InvalidStoreSettings,
     PointNotFound,
     SaveFailed,
+    StorageFull,
     StoreBusy,
     StoreUnavailable,
 )
@@ -525,6 +527,26 @@ def _remove_collection_files(directory: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def _is_disk_full(error: BaseException) -> bool:
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+
+
+def _storage_full(what: str, error: object) -> StorageFull:
+    return StorageFull(
+        f"the disk holding {what} is full ({error}): that write was not made and the collection keeps what it held "
+        "before; free space on that disk (VLSEARCH_DATA_DIR) and index again (stored images are skipped)"
+    )
+
+
+def _file_identity(path: Path) -> dict[str, int] | None:
+    """What tells one version of a file from another (a rename keeps all three); None when it is missing."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return {"inode": stat.st_ino, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -750,6 +772,8 @@ class FaissStore:
     def _sqlite_error(self, error: sqlite3.OperationalError) -> Exception:
         text = str(error)
         where = f"collection {self.name!r} ({self.directory})"
+        if getattr(error, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in text:
+            return _storage_full(where, text)
         if "locked" in text or "busy" in text:
             return StoreBusy(
                 f"{where} stayed locked by another process's write for more than {self.lock_timeout:g}s "
@@ -797,11 +821,19 @@ class FaissStore:
                 return cls(directory, stored, settings, maintain=True, **options)
         with _file_lock(_creation_lock_path(directory), lock_timeout, f"creating collection {directory.name!r}"):
             if not manifest_path.exists():
-                directory.mkdir(parents=True, exist_ok=True)
-                _remove_collection_files(directory)  # left by a creation or a drop that did not finish
-                store = cls(directory, manifest, settings, **options)
-                # written last: a directory without a manifest is a creation that did not finish
-                _write_text_atomically(manifest_path, manifest.to_json())
+                store: FaissStore | None = None
+                try:
+                    directory.mkdir(parents=True, exist_ok=True)
+                    _remove_collection_files(directory)  # left by a creation or a drop that did not finish
+                    store = cls(directory, manifest, settings, **options)
+                    # written last: a directory without a manifest is a creation that did not finish
+                    _write_text_atomically(manifest_path, manifest.to_json())
+                except OSError as error:
+                    if store is not None:
+                        store.close()
+                    if _is_disk_full(error):
+                        raise _storage_full(f"the new collection {directory.name!r} ({directory})", error) from error
+                    raise
                 return store
             stored = _read_manifest(directory)
             _check_same_encoder(directory, stored, manifest)
@@ -862,23 +894,29 @@ class FaissStore:
 
         def write_index(tmp: Path) -> None:
             faiss.write_index(index.index, str(tmp))
+            meta["index_file"] = _file_identity(tmp)  # a rename keeps it: the meta names the index it describes
 
         try:
             # Several processes may save one collection: one at a time, so index.faiss and index.json agree.
             with _file_lock(self.directory / SAVE_LOCK_FILE, self.lock_timeout, f"saving {self.name!r}"):
                 _write_atomically(self.directory / INDEX_FILE, write_index)
                 _write_text_atomically(self.directory / INDEX_META_FILE, json.dumps(meta))
-        except (OSError, RuntimeError) as error:
+        except (OSError, RuntimeError) as error:  # faiss reports a failed write as a RuntimeError naming errno
+            what = f"the index of collection {self.name!r} ({self.directory})"
+            if _is_disk_full(error):  # faiss's message is a page of C++: errno's words say it
+                raise _storage_full(what, os.strerror(errno.ENOSPC)) from error
             raise SaveFailed(
-                f"the index of collection {self.name!r} could not be written to {self.directory}: {error}; "
-                "nothing committed is lost (SQLite holds it), the index is rebuilt from it on the next open"
+                f"{what} could not be written: {error}; nothing committed is lost (SQLite holds it), the index is "
+                "rebuilt from it on the next open"
             ) from error
         self._unsaved = self._file_is_stale = False
         return completed
 
+    @_store_errors
     def close(self) -> None:
         """Release the collection, saving the index first where this process changed it; closing twice is
-        harmless. A process that only searched writes nothing."""
+        harmless. A process that only searched writes nothing. A save that fails (a full disk) is raised once the
+        files are closed: nothing committed is lost."""
         if self._closed:
             return
         if self._needs_reopen:  # a forked child that never used it: the parent's files are not ours to touch
@@ -918,12 +956,19 @@ class FaissStore:
         return _FlatIndex.empty(self.manifest.dim, self.settings.device)  # ivfpq: exact until trained
 
     def _read_index_file(self) -> tuple[_FaissIndex | None, dict[str, Any]]:
-        """The saved index as the manifest's kind (None when missing, unreadable or of another kind) and its meta."""
+        """The saved index as the manifest's kind (None when missing, unreadable or of another kind) and its meta,
+        or {} for a meta that is not this index file's: a save killed between replacing index.faiss and replacing
+        index.json leaves the new index with the old meta, whose IVF-PQ training size would be wrong for it."""
+        path = self.directory / INDEX_FILE
+        identity = _file_identity(path)
         meta = _read_json(self.directory / INDEX_META_FILE)
         try:
-            loaded = faiss.read_index(str(self.directory / INDEX_FILE))
+            loaded = faiss.read_index(str(path))
         except RuntimeError:
             return None, meta  # missing or unreadable: rebuilt from SQLite
+        # another process's save may replace both files while they are read: then neither is trusted as a pair
+        if _file_identity(path) != identity or meta.get("index_file", identity) != identity:
+            meta = {}  # stale (rewritten by the next writer's save); IVF-PQ's training size taken from the index
         return _wrap_loaded(loaded, self.manifest, self.settings, int(meta.get("trained_on", 0))), meta
 
     def _load_index(self) -> _FaissIndex:

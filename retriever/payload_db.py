@@ -405,7 +405,14 @@ class PayloadDB:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                # after a refused COMMIT (a full disk, an I/O error) SQLite may or may not have rolled back; one
+                # left open would hold the write lock against every process and fail this connection's next BEGIN
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def read_transaction(self) -> Iterator[None]:

@@ -1,4 +1,5 @@
-"""Processes the tests start: a real `vlsearch worker`, and one way to stop any process group a test started."""
+"""Processes the tests start: a real `vlsearch worker`, one way to stop any process group a test started, and the
+Redis database a test module has to itself."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
+import redis
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VLSEARCH = str(Path(sys.executable).parent / "vlsearch")  # the installed console script
@@ -43,3 +48,19 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@contextmanager
+def empty_redis_db(url: str) -> Iterator[redis.Redis]:
+    """The machine's Redis database at url (a test module's own number), emptied before and after; the test fails
+    naming url when Redis cannot be reached."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    except redis.ConnectionError:
+        pytest.fail(f"these tests need Redis at {url}")
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()

@@ -7,11 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
-from indexer.errors import InvalidQuery, StoreUnavailable
-from indexer.sources import iter_sources
+from indexer.errors import InvalidQuery, StoreUnavailable, UnreadableFile
+from indexer.sources import RefusedFile, iter_sources, path_text
 from retriever.tagging import load_vocabulary
 from workers.app import EMBED_QUEUE, VLM_QUEUE
-from workers.jobs import JobKind, JobRecord, JobStore
+from workers.jobs import FileError, JobKind, JobRecord, JobStore
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name longer than the file system takes (ENAMETOOLONG), say: no such file either
+        return False
 
 
 class Jobs:
@@ -41,12 +48,16 @@ class Jobs:
             return self._submit(
                 "index", collection, source or f"{len(items)} URLs", items, {"urls": True}, index_chunk, EMBED_QUEUE
             )
-        missing = [str(path) for path in paths if not path.exists()]
+        missing = [str(path) for path in paths if not _exists(path)]
         if missing and source is None:  # named on the command line: a typo, refused at once
             raise InvalidQuery(f"no such file or folder: {', '.join(missing)}")
-        files = [str(path) for path in iter_sources(paths)]  # a listing's missing files fail alone in the job
+        found = list(iter_sources(paths))  # a listing's missing files fail alone in the job
+        files = [str(path) for path in found if not isinstance(path, RefusedFile)]
+        refused = [
+            FileError(path_text(f.path), UnreadableFile.__name__, f.reason) for f in found if isinstance(f, RefusedFile)
+        ]
         return self._submit(
-            "index", collection, source or ", ".join(map(str, paths)), files, {}, index_chunk, EMBED_QUEUE
+            "index", collection, source or ", ".join(map(str, paths)), files, {}, index_chunk, EMBED_QUEUE, refused
         )
 
     def _submit_over_points(self, kind: JobKind, collection: str | None, options: dict[str, Any]) -> JobRecord:
@@ -71,13 +82,18 @@ class Jobs:
         options: dict[str, Any],
         task: Any,
         queue: str,
+        refused: Sequence[FileError] = (),
     ) -> JobRecord:
         """One job record, then one task per chunk of VLSEARCH_CHUNK_SIZE items; a broker that refuses the tasks
-        fails the job (it could never run) and is reported naming VLSEARCH_REDIS_URL."""
+        fails the job (it could never run) and is reported naming VLSEARCH_REDIS_URL. Items `refused` before the
+        job (a folder's link leading out of it) are counted failed at once, as a chunk of their own."""
         name = collection or self.settings.collection
         size = self.settings.chunk_size
         chunks = [items[start : start + size] for start in range(0, len(items), size)]
-        job = self.store.create(kind, name, source, options, total=len(items), chunks=len(chunks))
+        total, parts = len(items) + len(refused), len(chunks) + bool(refused)
+        job = self.store.create(kind, name, source, options, total=total, chunks=parts)
+        if refused:
+            self.store.count_chunk(job.id, "refused", done=len(refused), failed=len(refused), errors=refused)
         try:
             for number, chunk in enumerate(chunks):
                 task.apply_async(args=[job.id, f"c{number}", name, chunk, options], queue=queue)

@@ -33,6 +33,10 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        # A chunk past its hard time limit goes back to the queue (its attempts bound it), never acknowledged as
+        # done: its job would wait for it forever. A pool child killed as it takes a chunk is such a case: the
+        # pool may not see the death until the limit (a Celery 5.7 setting).
+        task_acks_on_timeout=False,
         worker_prefetch_multiplier=1,
         # below the visibility timeout, or Redis would hand a running chunk to a second worker
         task_time_limit=0.9 * settings.visibility_timeout,

@@ -14,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import Reject
+
 from core.container import build_settings
-from core.service import IndexResult, Service
+from core.service import IndexResult, Service, StorageFull
 from indexer.errors import VlsearchError
 from workers.app import app
 from workers.jobs import FileError, JobStore
@@ -59,13 +61,20 @@ def _begin(job_id: str, chunk_id: str, size: int) -> bool:
 
 def _guarded(task: Any, job_id: str, chunk_id: str, size: int, work: Callable[[], dict[str, int]]) -> dict[str, int]:
     """Run a chunk's work so that its job always ends: a store or broker that is busy or unreachable for a moment
-    sends the chunk round again (counted as an attempt, so VLSEARCH_MAX_CHUNK_ATTEMPTS bounds it); any other error
-    fails this chunk's items with the reason, and the job goes on."""
+    sends the chunk round again (counted as an attempt, so VLSEARCH_MAX_CHUNK_ATTEMPTS bounds it); a full disk or
+    any other error fails this chunk's items with the reason, and the job goes on."""
     try:
         return work()
+    except StorageFull as error:  # not a blink: retrying at once would fail alike
+        reason = str(error)
     except VlsearchError as error:
         if error.category == "unavailable":
-            raise task.retry(exc=error, countdown=RETRY_SECONDS) from error
+            try:
+                raise task.retry(exc=error, countdown=RETRY_SECONDS) from error
+            except Reject as refused:
+                # Celery drops the message when the retry cannot be sent (Redis itself is down): put it back, or
+                # the job would wait for this chunk forever (unsent, it comes back once the broker does)
+                raise Reject(refused.reason, requeue=True) from error
         reason = str(error)
     except Exception as error:  # a bug or an unforeseen failure: logged, reported, the chunk given up
         logger.exception("chunk %s of job %s failed", chunk_id, job_id)
@@ -91,7 +100,9 @@ def index_chunk(
         if (options or {}).get("urls"):
             result, failures = service().index_urls(items, collection), []
         else:
-            gone = {path for path in items if not Path(path).exists()}  # a listing's missing files fail alone
+            # A listing's missing files fail alone; a link that leads nowhere (dangling, a loop) is the pipeline's
+            # to report, as `vlsearch index` does (UnreadableFile, with why).
+            gone = {path for path in items if not Path(path).exists() and not Path(path).is_symlink()}
             present = [path for path in items if path not in gone]
             failures = [FileError(path, "FileNotFound", "no such file") for path in items if path in gone]
             result = service().index(present, collection) if present else None

@@ -10,25 +10,25 @@ type only.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, Json
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import MetricsDep, ReadAccess, ServiceDep, SettingsDep, visible
+from api.json_body import JsonRoute, parse_json
 from api.routes.search import ERRORS
-from api.schemas import IMAGE_ID_PATTERN, MAX_TEXT, AnswerOut, AskRequest, History, Strict, validated
+from api.schemas import IMAGE_ID_PATTERN, MAX_TEXT, AnswerOut, AskRequest, FromText, History, Strict, validated
 from core.service import InvalidQuery, Service
 
-router = APIRouter(prefix="/v1", tags=["ask"], responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["ask"], responses=ERRORS, route_class=JsonRoute)
 
 
 class AskForm(Strict):
+    model_config = FromText
     collection: str | None = None
     image_id: str | None = Field(None, pattern=IMAGE_ID_PATTERN)
     question: str = Field(min_length=1, max_length=MAX_TEXT)
@@ -117,10 +117,4 @@ async def ask(
 
 
 async def _json(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RequestValidationError(
-            [{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {error}", "input": None}]
-        ) from None
+    return parse_json(await request.body())

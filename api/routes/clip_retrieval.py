@@ -33,15 +33,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import time
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from pydantic import Base64Bytes, BaseModel, BeforeValidator, ConfigDict, Field
 
 from api.deps import FetcherDep, MetricsDep, QueryKeyReadAccess, ServiceDep, SettingsDep, visible
+from api.json_body import JsonRoute, parse_json
 from api.routes.search import ERRORS
 from api.schemas import MAX_TEXT, ImageId, validated
 from core.service import HitView, InvalidQuery, Query, SearchResult, Service
@@ -49,7 +48,7 @@ from indexer.errors import DecodeError
 from indexer.fetch import SafeFetcher
 from retriever.store import Hit
 
-router = APIRouter(tags=["clip-retrieval"], responses=ERRORS)
+router = APIRouter(tags=["clip-retrieval"], responses=ERRORS, route_class=JsonRoute)
 
 THUMBNAIL_SIDE = 256  # the `image` of a result: enough for the front end's grid
 MAX_EMBEDDING = 8192  # numbers in embedding_input
@@ -65,7 +64,8 @@ Blank = BeforeValidator(_blank_is_none)  # the front end sends "" for a field it
 
 
 class ClipBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # as clip-retrieval's back end: its clients may send more
+    # extra: as clip-retrieval's back end, its clients may send more; no NaN or infinity (api.schemas.Strict)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class KnnRequest(ClipBody):
@@ -77,7 +77,10 @@ class KnnRequest(ClipBody):
         default=None, max_length=4096, description="http(s) URL of an image (public addresses only)."
     )
     embedding_input: list[float] | None = Field(
-        default=None, max_length=MAX_EMBEDDING, description="A query vector from the collection's encoder."
+        default=None,
+        min_length=1,
+        max_length=MAX_EMBEDDING,
+        description="A query vector from the collection's encoder.",
     )
     modality: Literal["image", "text"] = Field(
         default="image", description="Both search the image embeddings: vlsearch indexes images only."
@@ -133,12 +136,7 @@ class FrontConfig(BaseModel):
 
 def _parse(model: type[_Model], raw: bytes) -> _Model:
     """The body as model, whatever the Content-Type; a body that is not JSON or not the model is a 422."""
-    try:
-        data = json.loads(raw)
-    except ValueError as error:  # UnicodeDecodeError included
-        problem = {"type": "json_invalid", "loc": ("body",), "msg": f"the body is not JSON: {error}", "input": None}
-        raise RequestValidationError([problem]) from None
-    return validated(model, data)
+    return validated(model, parse_json(raw))
 
 
 async def knn_body(request: Request) -> KnnRequest:

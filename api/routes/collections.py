@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from api.deps import ReadAccess, ReadCollection, ServiceDep, SettingsDep, WriteAccess, WriteCollection, visible
+from api.json_body import JsonRoute
 from api.routes.search import ERRORS
 from api.schemas import (
     CollectionCreate,
@@ -25,7 +26,7 @@ from api.schemas import (
 from core.container import SHIPPED_CLIP_MODELS
 from core.service import InvalidQuery, Service
 
-router = APIRouter(prefix="/v1/collections", tags=["collections"], responses=ERRORS)
+router = APIRouter(prefix="/v1/collections", tags=["collections"], responses=ERRORS, route_class=JsonRoute)
 
 EXPORT_CHUNK = 64 * 1024  # characters per streamed chunk, at most (about)
 EXPORT_MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}

@@ -9,12 +9,13 @@ from urllib.parse import quote
 from fastapi import APIRouter, Path, Query, Response
 
 from api.deps import MetricsDep, ReadCollection, ServiceDep, SettingsDep, WriteCollection
+from api.json_body import JsonRoute
 from api.routes.search import ERRORS, run_search
 from api.schemas import IMAGE_ID_PATTERN, DeleteOut, ImageOut, SearchResponse, SimilarParams
 from core.media import MAX_THUMBNAIL_SIDE, MIN_THUMBNAIL_SIDE
 from core.service import PointNotFound
 
-router = APIRouter(prefix="/v1/collections/{name}/images", tags=["images"], responses=ERRORS)
+router = APIRouter(prefix="/v1/collections/{name}/images", tags=["images"], responses=ERRORS, route_class=JsonRoute)
 
 ImageIdPath = Annotated[str, Path(pattern=IMAGE_ID_PATTERN, description="The image's id (hex of its content hash).")]
 

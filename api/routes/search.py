@@ -9,6 +9,7 @@ from fastapi import APIRouter, Form
 from fastapi.responses import Response
 
 from api.deps import FetcherDep, MetricsDep, ReadAccess, ServiceDep, SettingsDep, visible
+from api.json_body import JsonRoute
 from api.metrics import Metrics
 from api.schemas import (
     EncoderOut,
@@ -29,7 +30,7 @@ from core.settings import Settings
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)
 }
-router = APIRouter(prefix="/v1", tags=["search"], responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["search"], responses=ERRORS, route_class=JsonRoute)
 
 
 def check_bounds(options: SearchOptions, settings: Settings) -> None:
