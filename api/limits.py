@@ -58,7 +58,7 @@ class BodyLimitMiddleware:
             response = error_response(413, "too_large", _too_large(self.limit), CLOSE)
             await response(scope, receive, send)
             return
-        deadline = time.monotonic() + self.timeout
+        deadline = asyncio.get_running_loop().time() + self.timeout
         received = 0
         complete = not (declared or _chunked(scope))
 
@@ -67,7 +67,8 @@ class BodyLimitMiddleware:
             if complete:  # past the body, a receive waits for the client to go (a streamed answer): no deadline
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout_at(deadline):  # no task a receive, unlike wait_for: this is every body
+                    message = await receive()
             except TimeoutError:
                 raise BodyTimeout(self.timeout) from None
             if message["type"] == "http.request":

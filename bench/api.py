@@ -139,10 +139,19 @@ def server(
             process.wait()
 
 
+def process_stat(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state first: [2] is the process group)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def stat_cpu_seconds(fields: list[str]) -> float:
+    """User + system CPU seconds of the process whose process_stat fields these are."""
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (from /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return stat_cpu_seconds(process_stat(pid))
 
 
 def machine_busy_seconds() -> float:

@@ -48,8 +48,10 @@ from bench.api import (
     own_cpu_seconds,
     percentile,
     process_cpu_seconds,
+    process_stat,
     server,
     server_env,
+    stat_cpu_seconds,
 )
 from bench.workers import Workers
 from core.keys import KeyStore
@@ -196,11 +198,11 @@ def group_cpu_seconds(group: int) -> float:
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            fields = process_stat(stat.parent.name)
+        except OSError:  # ended since the listing
             continue
         if int(fields[2]) == group:
-            total += process_cpu_seconds(int(stat.parent.name))
+            total += stat_cpu_seconds(fields)
     return total
 
 

@@ -268,12 +268,9 @@ class _Run:
                 # No future: stored at the lookup but deleted since (its only path changed bytes earlier in this
                 # run), or its decoding failed in an earlier group: decode again.
                 decoded = future.result() if future is not None else self.decode(read)
-            except OSError as error:
-                if error.errno == errno.ENOSPC:  # keeping its bytes met a full disk: so would every other file's
-                    raise
-                self._failed(read.key, error)
-                return
             except Exception as error:  # one bad file fails alone; the run goes on
+                if isinstance(error, OSError) and error.errno == errno.ENOSPC:  # keeping its bytes met a full disk:
+                    raise  # so would every other file's
                 self._failed(read.key, error)
                 return
         if read.path is not None:

@@ -64,15 +64,14 @@ def _inside_roots(settings: Settings, name: str, what: str) -> Path:
 def _label_file(path: Path) -> Path:
     """A vocabulary file a client names: a regular file of a bounded size. Not /dev/zero, a FIFO or /dev/stdin,
     which the request would read for ever or wait on (what is missing, load_vocabulary reports)."""
-    name = str(path)
     try:
         info = path.stat()
     except (OSError, ValueError):
         return path
     if not stat.S_ISREG(info.st_mode):
-        raise InvalidQuery(f"labels_file {name!r} is not a regular file")
+        raise InvalidQuery(f"labels_file {str(path)!r} is not a regular file")
     if info.st_size > MAX_VOCABULARY_BYTES:
-        raise InvalidQuery(f"labels_file {name!r} is larger than {MAX_VOCABULARY_BYTES} bytes")
+        raise InvalidQuery(f"labels_file {str(path)!r} is larger than {MAX_VOCABULARY_BYTES} bytes")
     return path
 
 

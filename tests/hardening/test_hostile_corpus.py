@@ -292,6 +292,9 @@ def check_answer(upload: Upload, route: str, response: httpx.Response) -> None:
     error = error_of(response)
     assert error["code"] == error_code(upload.error), where
     assert _sizes_blurred(upload.error.reason) in _sizes_blurred(error["message"]), where
+    if len(upload.data) > CORPUS_LIMITS.max_bytes and route != "/knn-service":  # a file part, read up to the limit
+        # and one byte: no made-up size (base64 in JSON arrives whole, its size is known)
+        assert f"more than {CORPUS_LIMITS.max_bytes} bytes" in error["message"], where
 
 
 def _sizes_blurred(message: str) -> str:
